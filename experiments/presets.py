@@ -1,0 +1,52 @@
+"""Scale presets shared by every experiment (``--scale=smoke|cpu|paper``).
+
+A preset is a dict of flag defaults; a flag given explicitly on the command line
+always wins over the preset. Each experiment reads the keys it has flags for.
+
+* ``smoke``: seconds. Tiny width, a few hundred images: for tests and CI.
+* ``cpu``: minutes on a 2-core CPU. Reduced width and data, still real learning.
+* ``paper``: the paper's settings (App. B; PROTOCOL sections 2-8), for an accelerator.
+"""
+
+from __future__ import annotations
+
+SCALES = {
+    "smoke": {
+        "width": 8,
+        "max_train_per_class": 40,
+        "max_test_per_class": 20,
+        "epochs": 2,
+        "patience": 2,
+        # Attack settings (experiments that push samples).
+        "max_iterations": 30,
+        "iterations_per_chunk": 10,
+        "max_samples": 4,
+    },
+    "cpu": {
+        "width": 16,
+        "max_train_per_class": 2000,
+        "max_test_per_class": None,
+        "epochs": 12,
+        "patience": 3,
+        "max_iterations": 300,
+        "iterations_per_chunk": 25,
+        "max_samples": 64,
+    },
+    "paper": {
+        "width": None,  # The paper's widths (VGG 128, ResNet 64).
+        "max_train_per_class": None,
+        "max_test_per_class": None,
+        "epochs": 100,
+        "patience": 10,
+        "max_iterations": 20000,
+        "iterations_per_chunk": 100,
+        "max_samples": None,
+    },
+}
+
+
+def get_scale(name: str) -> dict:
+  if name not in SCALES:
+    raise ValueError(f"Unknown scale {name!r}; choose one of {', '.join(SCALES)} "
+                     "(e.g. --scale=cpu).")
+  return dict(SCALES[name])
