@@ -13,14 +13,14 @@ from __future__ import annotations
 SCALES = {
     "smoke": {
         "width": 8,
-        "max_train_per_class": 40,
+        "max_train_per_class": 100,
         "max_test_per_class": 20,
-        "epochs": 2,
+        "epochs": 3,
         "patience": 2,
         # Attack settings (experiments that push samples).
-        "max_iterations": 30,
-        "iterations_per_chunk": 10,
-        "max_samples": 4,
+        "max_iterations": 100,
+        "iterations_per_chunk": 25,
+        "max_samples": 8,
     },
     "cpu": {
         "width": 16,

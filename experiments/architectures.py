@@ -1,0 +1,16 @@
+"""Tables VIII-IX: the attack on other architectures.
+
+``python -m experiments.architectures --table=VIII`` (VGG-3 vs ResNet) or
+``--table=IX`` (VGG with 3, 4 and 5 blocks) is ``experiments.reproduce`` with that
+table: one model trained per architecture in ``WORKDIR/<model>``, pushing at 10%.
+"""
+
+from absl import app
+
+from experiments import reproduce
+
+reproduce.FLAGS.set_default("table", "VIII")
+
+
+if __name__ == "__main__":
+  app.run(reproduce.main)
