@@ -13,10 +13,10 @@ from __future__ import annotations
 SCALES = {
     "smoke": {
         "width": 8,
-        "max_train_per_class": 100,
+        "max_train_per_class": 500,
         "max_test_per_class": 20,
-        "epochs": 3,
-        "patience": 2,
+        "epochs": 6,
+        "patience": 6,
         # Attack settings (experiments that push samples).
         "max_iterations": 100,
         "iterations_per_chunk": 25,

@@ -1,0 +1,135 @@
+"""Experiment scripts end to end at --scale=smoke: mock data, then the real copy."""
+
+import json
+import os
+
+from absl import flags
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments import blending  # noqa: F401  (defines nothing new; uses runner)
+from experiments import finetune  # noqa: F401
+from experiments import pushing  # noqa: F401
+from experiments import reproduce
+from experiments import runner
+from ounl_jax import data as data_lib
+from tests.conftest import real_data_dir
+
+FLAGS = flags.FLAGS
+
+CONDITION_KEYS = {"overall_accuracy", "per_class_accuracy", "class_a_accuracy",
+                  "histogram", "histogram_total"}
+TOP_KEYS = {"experiment", "dataset", "class_a", "conditions", "attack", "timings",
+            "config", "versions", "git", "submitted_ids", "unlearning_settings"}
+
+
+def parse(workdir, *extra):
+  FLAGS.unparse_flags()
+  FLAGS(["test", "--scale=smoke", f"--workdir={workdir}", "--noprogress", *extra])
+
+
+def check_schema(results, conditions):
+  assert TOP_KEYS - {"timings"} <= set(results)
+  assert set(results["conditions"]) == set(conditions)
+  clean_total = results["conditions"]["clean"]["histogram_total"]
+  for name, cond in results["conditions"].items():
+    assert CONDITION_KEYS <= set(cond), name
+    assert 0.0 <= cond["overall_accuracy"] <= 1.0
+    assert 0.0 <= cond["class_a_accuracy"] <= 1.0
+    assert all(v is None or 0.0 <= v <= 1.0 for v in cond["per_class_accuracy"].values())
+    # Histogram rows count the clean model's correct class-A predictions.
+    assert sum(cond["histogram"].values()) == cond["histogram_total"] == clean_total
+  for key in ("train", "attack"):
+    assert key in results["config"]
+  assert results["git"]["commit"]
+
+
+@pytest.fixture
+def mock_cifar10(monkeypatch, tmp_path):
+  monkeypatch.setattr(data_lib, "find_prepared", lambda spec, d: str(tmp_path))
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "data"))
+  with tfds.testing.mock_data(num_examples=300):
+    yield tmp_path
+
+
+@pytest.mark.parametrize("script,conditions", [
+    ("pushing", {"clean", "normal", "pushing_i", "pushing_ii"}),
+    ("blending", {"clean", "normal", "blending"}),
+])
+def test_scripts_write_well_formed_outputs_on_mock_data(mock_cifar10, script,
+                                                        conditions):
+  workdir = mock_cifar10 / "run"
+  parse(workdir, "--max_iterations=20", "--iterations_per_chunk=10")
+  path = runner.run(script)
+  assert path == str(workdir / "results.json")
+  results = json.loads((workdir / "results.json").read_text())
+  check_schema(results, conditions)
+  assert (workdir / "results.md").read_text().startswith("# ")
+  for png in (f"{script}_class_accuracy.png", f"{script}_prediction_distribution.png"):
+    assert (workdir / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_finetune_script_uses_fine_tune_unlearning(mock_cifar10):
+  workdir = mock_cifar10 / "run"
+  parse(workdir, "--max_iterations=10", "--iterations_per_chunk=10")
+  runner.run("pushing", unlearning="fine_tune")
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["unlearning"] == "fine_tune"
+  assert results["config"]["attack"]["unlearning"] == "fine_tune"
+
+
+def test_reproduce_writes_a_report_and_reuses_points(mock_cifar10, capsys):
+  workdir = mock_cifar10 / "run"
+  parse(workdir, "--table=III", "--fraction=0.1")
+  reproduce.main([])
+  report = workdir / "table_III" / "report.md"
+  assert capsys.readouterr().out.strip().splitlines()[-1] == str(report)
+  text = report.read_text()
+  assert "paper" in text and "fraction_0.5_ratio_0.5" in text
+  stamp = os.path.getmtime(workdir / "table_III" / "fraction_0.1_ratio_0.3" /
+                           "results.json")
+  reproduce.main([])
+  assert os.path.getmtime(workdir / "table_III" / "fraction_0.1_ratio_0.3" /
+                          "results.json") == stamp
+
+
+def test_unknown_class_is_a_clear_error(mock_cifar10):
+  parse(mock_cifar10 / "run", "--unlearn_class=airplan")
+  with pytest.raises(ValueError, match="Did you mean airplane"):
+    runner.run("pushing")
+
+
+def strip_timings(value):
+  if isinstance(value, dict):
+    return {k: strip_timings(v) for k, v in value.items()
+            if "seconds" not in k and k not in ("timings", "reused_saved_push",
+                                                "command", "git")}
+  if isinstance(value, list):
+    return [strip_timings(v) for v in value]
+  return value
+
+
+@pytest.mark.realdata
+def test_real_data_smoke_run_is_consistent_and_reproducible(tmp_path):
+  if real_data_dir() is None:
+    pytest.skip("Real CIFAR-10 not found (set TFDS_DATA_DIR).")
+  runs = []
+  for name in ("a", "b"):
+    parse(tmp_path / name)
+    runs.append(json.loads(open(runner.run("pushing")).read()))
+  results = runs[0]
+  check_schema(results, {"clean", "normal", "pushing_i", "pushing_ii"})
+  # Every condition submitted the same training ids, all of class A.
+  submitted = results["submitted_ids"]
+  counts = {c["num_submitted"] for n, c in results["conditions"].items()
+            if n != "clean"}
+  assert counts == {len(submitted)}
+  assert results["attack"]["attacked"] >= 1
+  pushed = np.load(tmp_path / "a" / "attack" / "pushed.npz")
+  assert set(pushed["ids"][pushed["success_i"] & pushed["success_ii"]]) == set(submitted)
+  assert (pushed["original_labels"] == 0).all()
+  ok = pushed["pushing_ii_success"]
+  assert (pushed["pushing_ii_l2"][ok] <= 20.0).all()
+  # Same seed, fresh workdir: identical results apart from timings.
+  assert strip_timings(runs[0]) == strip_timings(runs[1])
