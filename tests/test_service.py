@@ -1,0 +1,191 @@
+"""The MLaaS server: predict/unlearn boundary, request validation, evaluation."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from ounl_jax import data as data_lib
+from ounl_jax import evaluation
+from ounl_jax import models
+from ounl_jax import oracle as oracle_lib
+from ounl_jax import service as service_lib
+from ounl_jax import unlearning
+
+SHAPE = (8, 8, 3)
+K = 4
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = models.get_model("vgg3", num_classes=K, width=2, input_shape=SHAPE)
+  variables = jax.jit(model.init)(jax.random.key(0))
+  x = np.asarray(jax.random.uniform(jax.random.key(1), (40,) + SHAPE,
+                                    minval=-0.5, maxval=0.5))
+  y = (np.arange(40) % K).astype(np.int32)
+  test = data_lib.LabelledImages(x, y, np.arange(40))
+  return model, variables, test
+
+
+def make_service(setup, **kwargs):
+  model, variables, test = setup
+  kwargs.setdefault("settings", unlearning.FirstOrderSettings(tau=1e-2))
+  return service_lib.UnlearningService(model, variables, test,
+                                       key=jax.random.key(88), **kwargs)
+
+
+def request(n=6, seed=2):
+  x = np.asarray(jax.random.uniform(jax.random.key(seed), (n,) + SHAPE,
+                                    minval=-0.5, maxval=0.5))
+  return service_lib.UnlearningRequest(x, np.zeros(n, np.int32))
+
+
+def test_predict_returns_probabilities_or_labels(setup):
+  service = make_service(setup)
+  x = request().images
+  probs = service.predict(x)
+  assert probs.shape == (6, K)
+  np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(service.predict(x), probs)  # No hidden state.
+  labels = make_service(setup, output="labels").predict(x)
+  np.testing.assert_array_equal(labels, np.argmax(probs, 1))
+
+
+def test_unlearn_changes_the_model_and_returns_a_receipt(setup):
+  service = make_service(setup)
+  x = setup[2].images
+  before = service.predict(x)
+  receipt = service.unlearn(request())
+  assert receipt.request_number == 0 and receipt.method == "first_order"
+  assert receipt.num_samples == 6 and receipt.seconds > 0
+  assert receipt.settings["tau"] == 1e-2
+  after = service.predict(x)
+  assert not np.allclose(before, after)
+  assert service.unlearn(request(seed=3)).request_number == 1
+  assert service.requests_served == 2
+
+
+def test_unlearn_is_the_pure_method_with_the_request_key(setup):
+  model, variables, _ = setup
+  service = make_service(setup)
+  req = request()
+  service.unlearn(req)
+  expected = unlearning.unlearn(
+      "first_order", model, variables, req.images, req.labels,
+      jax.random.fold_in(jax.random.key(88), 0),
+      unlearning.FirstOrderSettings(tau=1e-2))
+  np.testing.assert_allclose(
+      service.predict(req.images),
+      service_lib.predict_probabilities(model, expected, req.images), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda r: (r.images[:0], r.labels[:0]), "Empty"),
+    (lambda r: (r.images[:, :4], r.labels), "shape"),
+    (lambda r: (r.images[0], r.labels[:1]), "shape"),
+    (lambda r: ((r.images + 0.5) * 255, r.labels), "uint8"),
+    (lambda r: (r.images + 0.2, r.labels), r"\[-0.5, 0.5\]"),
+    (lambda r: (np.where(np.arange(6)[:, None, None, None] == 2, np.nan, r.images),
+                r.labels), "NaN"),
+    (lambda r: (r.images, np.full(6, K, np.int32)), "outside"),
+    (lambda r: (r.images, np.full(6, -1, np.int32)), "outside"),
+    (lambda r: (r.images, r.labels.astype(np.float32)), "integer"),
+    (lambda r: (r.images, r.labels[:5]), "Expected 6 labels"),
+    (lambda r: (r.images, np.eye(K, dtype=np.int32)[r.labels]), "one-hot"),
+    (lambda r: r.images, "pair"),
+])
+def test_bad_requests_fail_clearly_and_leave_the_model_unchanged(setup, bad, match):
+  service = make_service(setup)
+  x = setup[2].images
+  before = service.predict(x)
+  with pytest.raises(service_lib.InvalidRequestError, match=match):
+    service.unlearn(bad(request()))
+  np.testing.assert_array_equal(service.predict(x), before)
+  assert service.requests_served == 0
+
+
+def test_predict_validates_images(setup):
+  service = make_service(setup)
+  with pytest.raises(service_lib.InvalidRequestError, match="Empty"):
+    service.predict(np.zeros((0,) + SHAPE, np.float32))
+  with pytest.raises(service_lib.InvalidRequestError, match="NaN"):
+    service.predict(np.full((1,) + SHAPE, np.nan, np.float32))
+
+
+def test_divergence_keeps_the_model(setup):
+  service = make_service(setup, settings=unlearning.FirstOrderSettings(
+      tau=float("inf")))
+  x = setup[2].images
+  before = service.predict(x)
+  with pytest.raises(service_lib.UnlearningDiverged, match="unchanged"):
+    service.unlearn(request())
+  np.testing.assert_array_equal(service.predict(x), before)
+
+
+def test_settings_must_match_the_method(setup):
+  with pytest.raises(ValueError, match="FineTuneSettings"):
+    make_service(setup, method="fine_tune")
+  with pytest.raises(ValueError, match="Unknown unlearning method"):
+    make_service(setup, method="retrain", settings=None)
+  service = make_service(setup, method="fine_tune", settings=None)
+  assert service.method == "fine_tune"
+  assert service.settings == unlearning.FineTuneSettings()
+
+
+def test_oracle_answers_like_predict_counts_and_hides_parameters(setup):
+  service = make_service(setup)
+  oracle = service.oracle(budget=10)
+  x = request().images
+  answers, state = jax.jit(oracle.query)(oracle.init(), x)
+  np.testing.assert_allclose(answers, service.predict(x), rtol=1e-5, atol=1e-7)
+  assert int(state.queries) == 6 and oracle.budget == 10
+  assert not any(isinstance(leaf, (np.ndarray, jax.Array))
+                 for leaf in jax.tree_util.tree_leaves(oracle))
+  with pytest.raises(oracle_lib.QueryBudgetExceeded):
+    oracle.query(state, x)
+  # The oracle is a snapshot: unlearning does not change a handed-out oracle.
+  service.unlearn(request())
+  again, _ = oracle.query(oracle.init(), x)
+  np.testing.assert_allclose(again, answers, rtol=1e-5, atol=1e-7)
+  fresh, _ = service.oracle().query(service.oracle().init(), x)
+  np.testing.assert_allclose(fresh, service.predict(x), rtol=1e-5, atol=1e-7)
+
+
+def test_evaluate_reports_against_the_clean_model(setup):
+  service = make_service(setup)
+  test = setup[2]
+  clean = service.evaluate(class_a=1)
+  assert clean.histogram.sum() == clean.histogram[1]
+  assert clean.histogram[1] == np.sum((clean.report.predictions == 1)
+                                      & (test.labels == 1))
+  service.unlearn(service_lib.UnlearningRequest(test.images[:8],
+                                                test.labels[:8]))
+  after = service.evaluate(class_a=1)
+  assert after.histogram.sum() == clean.histogram.sum()
+  assert after.report.accuracy == evaluation.accuracy(after.report.predictions,
+                                                      test.labels)
+
+
+def test_prediction_histogram_by_hand():
+  labels = np.array([0, 0, 0, 0, 1, 1, 2, 0])
+  clean = np.array([0, 0, 0, 2, 1, 0, 2, 0])  # Clean gets 0 right on 4 samples.
+  after = np.array([0, 2, 1, 0, 1, 1, 0, 2])
+  hist = evaluation.prediction_histogram(clean, after, labels, 0, 3)
+  np.testing.assert_array_equal(hist, [1, 1, 2])
+  assert hist.sum() == 4
+  assert evaluation.class_accuracy(after, labels, 0) == 0.4
+  assert evaluation.accuracy_without_class(after, labels, 0) == pytest.approx(2 / 3)
+  np.testing.assert_allclose(
+      evaluation.per_class_accuracy(after, labels, 4), [0.4, 1.0, 0.0, np.nan])
+  report = evaluation.report(after, labels, 4, class_a=0)
+  assert report.accuracy == 0.5
+  named = report.to_dict(("a", "b", "c", "d"))
+  assert named["per_class_accuracy"]["b"] == 1.0
+  assert named["class_a_accuracy"] == 0.4
+
+
+def test_receipt_is_frozen(setup):
+  receipt = make_service(setup).unlearn(request())
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    receipt.num_samples = 0
