@@ -1,0 +1,38 @@
+"""The malicious user's side (Sec. III): turn owned samples into an unlearning request
+that makes the server over-unlearn, with black-box access only (an ``Oracle``).
+
+* ``blending``: Sec. III-B, Eq. 1 (PROTOCOL section 10).
+* ``zoo``: the black-box Carlini-Wagner attack by zeroth-order optimisation
+  (Eq. 4-8; PROTOCOL sections 8 and 12).
+* ``pushing``: Pushing-I / Pushing-II from the ZOO trajectory (Sec. III-C;
+  PROTOCOL 8.2 and 16).
+* ``labels``: the submitted-label modes (PROTOCOL section 9).
+"""
+
+from ounl_jax.attacks.blending import BlendResult
+from ounl_jax.attacks.blending import BlendSettings
+from ounl_jax.attacks.blending import blend
+from ounl_jax.attacks.blending import blending_attack
+from ounl_jax.attacks.blending import draw_class_b
+from ounl_jax.attacks.labels import LABEL_MODES
+from ounl_jax.attacks.labels import oracle_predictions
+from ounl_jax.attacks.labels import submitted_labels
+from ounl_jax.attacks.pushing import PushResult
+from ounl_jax.attacks.pushing import PushSettings
+from ounl_jax.attacks.pushing import Pushed
+from ounl_jax.attacks.pushing import push
+from ounl_jax.attacks.zoo import ZooProgress
+from ounl_jax.attacks.zoo import ZooResult
+from ounl_jax.attacks.zoo import ZooSettings
+from ounl_jax.attacks.zoo import ZooState
+from ounl_jax.attacks.zoo import zoo_attack
+from ounl_jax.attacks.zoo import zoo_init
+from ounl_jax.attacks.zoo import zoo_run_chunk
+from ounl_jax.attacks.zoo import zoo_step
+
+__all__ = (
+    "BlendResult", "BlendSettings", "LABEL_MODES", "PushResult", "PushSettings",
+    "Pushed", "ZooProgress", "ZooResult", "ZooSettings", "ZooState", "blend",
+    "blending_attack", "draw_class_b", "oracle_predictions", "push",
+    "submitted_labels", "zoo_attack", "zoo_init", "zoo_run_chunk", "zoo_step",
+)
