@@ -236,6 +236,25 @@ def run_condition(ctx: Context, config: AttackConfig, images, labels, class_a: i
   return result
 
 
+def run_summary(ctx: Context, config: AttackConfig, experiment: str, class_a: int,
+                user_samples_count: int) -> dict:
+  """What every over-unlearning results file starts with."""
+  final = ctx.trained.metrics["final"]
+  return {
+      "experiment": experiment,
+      "dataset": ctx.spec.name,
+      "data_note": ("CIFAR-10 (JPEG-q75 copy)" if ctx.spec.name == "cifar10"
+                    else ctx.spec.name),
+      "class_a": ctx.spec.class_names[class_a],
+      "unlearning": config.unlearning,
+      "unlearning_settings": dataclasses.asdict(unlearning_settings(config)),
+      "user_samples": user_samples_count,
+      "clean_model": {"train_accuracy": final["train"]["accuracy"],
+                      "test_accuracy": final["test"]["accuracy"],
+                      "num_params": ctx.trained.metrics["num_params"]},
+  }
+
+
 # ----------------------------------------------------------------------------------
 # Pushing
 
@@ -392,23 +411,13 @@ def run_pushing(ctx: Context, config: AttackConfig, workdir: str, *,
                                   extra),
   }
   return {
-      "experiment": "pushing",
-      "dataset": spec.name,
-      "data_note": ("CIFAR-10 (JPEG-q75 copy)" if spec.name == "cifar10"
-                    else spec.name),
-      "class_a": spec.class_names[class_a],
+      **run_summary(ctx, config, "pushing", class_a, len(samples)),
       "target_class": config.target_class,
-      "unlearning": config.unlearning,
-      "unlearning_settings": dataclasses.asdict(unlearning_settings(config)),
-      "user_samples": len(samples),
       "submitted_ids": samples.ids[paired],
       "conditions": conditions,
       "attack": attack_statistics(pushed),
       "timings": {"unlearn_and_evaluate_seconds": time.time() - started,
                   "attack_seconds": float(pushed["seconds"])},
-      "clean_model": {"train_accuracy": ctx.trained.metrics["final"]["train"]["accuracy"],
-                      "test_accuracy": ctx.trained.metrics["final"]["test"]["accuracy"],
-                      "num_params": ctx.trained.metrics["num_params"]},
   }
 
 
@@ -441,25 +450,16 @@ def run_blending(ctx: Context, config: AttackConfig) -> dict:
   }
   labels, counts = np.unique(blended.labels, return_counts=True)
   return {
-      "experiment": "blending",
-      "dataset": spec.name,
-      "data_note": ("CIFAR-10 (JPEG-q75 copy)" if spec.name == "cifar10"
-                    else spec.name),
-      "class_a": spec.class_names[class_a],
+      **run_summary(ctx, config, "blending", class_a, len(samples)),
       "class_b": spec.class_names[class_b],
       "blend_ratio": config.blend_ratio,
-      "unlearning": config.unlearning,
-      "unlearning_settings": dataclasses.asdict(unlearning_settings(config)),
-      "user_samples": len(samples),
       "submitted_ids": samples.ids,
       "conditions": conditions,
       "attack": {"submitted_label_counts": {spec.class_names[int(l)]: int(c)
                                             for l, c in zip(labels, counts)},
                  "queries": int(blended.queries.sum()),
                  "attack_seconds": attack_seconds},
-      "clean_model": {"train_accuracy": ctx.trained.metrics["final"]["train"]["accuracy"],
-                      "test_accuracy": ctx.trained.metrics["final"]["test"]["accuracy"],
-                      "num_params": ctx.trained.metrics["num_params"]},
+      "timings": {"attack_seconds": attack_seconds},
   }
 
 
