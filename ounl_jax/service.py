@@ -292,11 +292,8 @@ class UnlearningService:
     The oracle answers with the model as it is now; ask for a new one after an
     unlearning request to query the unlearned model.
     """
-    model, variables = self._model, self._variables
-
-    def probabilities(images):
-      return jax.nn.softmax(model.apply(variables, images))
-
+    probabilities = functools.partial(models.predict_probabilities, self._model,
+                                      self._variables)
     return oracle_lib.make_oracle(probabilities, input_shape=self.input_shape,
                                   num_classes=self.num_classes,
                                   output=self._output, budget=budget)
