@@ -174,14 +174,19 @@ def test_settings_are_checked():
     pushing.PushSettings(label_mode="random")
 
 
+def vgg_oracle(trained_vgg):
+  """The probabilities oracle over the session's trained VGG."""
+  from ounl_jax import models  # pylint: disable=g-import-not-at-top
+  model, variables = trained_vgg.model, trained_vgg.variables
+  return oracle_lib.make_oracle(
+      lambda x: models.predict_probabilities(model, variables, x),
+      input_shape=model.input_shape, num_classes=model.num_classes)
+
+
 @pytest.mark.realdata
 def test_pushing_airplanes_of_a_trained_vgg(trained_vgg):
   """A handful of real CIFAR-10 airplanes against the session's trained VGG."""
-  from ounl_jax import models  # pylint: disable=g-import-not-at-top
-  model, variables = trained_vgg.model, trained_vgg.variables
-  oracle = oracle_lib.make_oracle(
-      lambda x: models.predict_probabilities(model, variables, x),
-      input_shape=model.input_shape, num_classes=model.num_classes)
+  oracle = vgg_oracle(trained_vgg)
   train = trained_vgg.splits.train
   airplanes = np.flatnonzero(train.labels == 0)[:64]
   correct = np.asarray(oracle.query(oracle.init(), train.images[airplanes])[0]
@@ -207,11 +212,7 @@ def test_pushing_airplanes_of_a_trained_vgg(trained_vgg):
 @pytest.mark.realdata
 def test_vgg_trajectory_does_not_depend_on_batch_mates(trained_vgg):
   """Same compiled batch size, other partner: bit-identical (PROTOCOL 19)."""
-  from ounl_jax import models  # pylint: disable=g-import-not-at-top
-  model, variables = trained_vgg.model, trained_vgg.variables
-  oracle = oracle_lib.make_oracle(
-      lambda x: models.predict_probabilities(model, variables, x),
-      input_shape=model.input_shape, num_classes=model.num_classes)
+  oracle = vgg_oracle(trained_vgg)
   train = trained_vgg.splits.train
   settings = zoo.ZooSettings(iterations_per_chunk=5, abort_early=False)
   run = zoo.compiled_chunk(oracle, settings)
