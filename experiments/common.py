@@ -56,7 +56,6 @@ def define_common_flags(defaults: dict[str, Any] | None = None) -> None:
 def quiet_logs() -> None:
   """Keeps absl/orbax/TFDS INFO chatter off the terminal (warnings still show)."""
   from absl import logging  # pylint: disable=g-import-not-at-top
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   logging.set_verbosity(logging.WARNING)
 
 
@@ -116,7 +115,7 @@ def git_commit() -> dict[str, Any]:
 def versions() -> dict[str, str]:
   found = {"python": sys.version.split()[0], "platform": platform.platform()}
   for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
-                  "tensorflow-datasets", "numpy"):
+                  "tensorflow-datasets", "array-record", "numpy"):
     try:
       found[package] = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:

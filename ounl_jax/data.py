@@ -5,15 +5,19 @@ mean/std normalisation and no augmentation. The paper's split (App. B): 80% of t
 official train split trains the model, 20% validates it (stratified, seeded). STL-10
 reports test accuracy on 1,000 seeded images of its 8,000 test images.
 
-This is one of the two library modules that touch the filesystem (the other is
-``checkpoint``). TensorFlow is imported lazily, only when data is actually read.
+Prepared data is read with ``tfds.data_source`` from TFDS's ArrayRecord files: random
+access, no TensorFlow. This is one of the two library modules that touch the
+filesystem (the other is ``checkpoint``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import glob
+import json
+import logging
 import os
 from typing import NamedTuple, Sequence
 
@@ -178,8 +182,10 @@ def require_prepared(spec: DatasetSpec, data_dir: str) -> str:
         "ounl_jax never downloads. Provide the data by either: pointing "
         "TFDS_DATA_DIR (or --data_dir) at a folder that holds it, e.g. "
         "TFDS_DATA_DIR=../shared/tensorflow_datasets; or, on a machine with "
-        f"network access, running `tfds build {spec.tfds_name} --data_dir=DIR` "
+        "network access and TensorFlow (pip install -e '.[prepare]'), running "
+        f"`tfds build {spec.tfds_name} --file_format=array_record --data_dir=DIR` "
         "and copying DIR here.")
+  check_array_record(folder)
   return folder
 
 
@@ -202,22 +208,91 @@ def _parse_ids(raw_ids: np.ndarray | None, count: int) -> np.ndarray:
   return parsed
 
 
-def read_split(spec: DatasetSpec, split: str, data_dir: str) -> LabelledImages:
-  """Reads one official TFDS split into memory, sorted by sample id."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+class DataFormatError(ValueError):
+  """The prepared folder exists but is not in a format ounl_jax reads."""
+
+
+class DataCorruptError(RuntimeError):
+  """A prepared data file could not be read (truncated or damaged)."""
+
+
+def check_array_record(folder: str) -> None:
+  """Refuses a folder prepared in TFDS's old TFRecord format, saying how to convert.
+
+  ounl_jax reads with ``tfds.data_source``, which needs ArrayRecord files and no
+  TensorFlow; ``tfds.load`` (TFRecord) would need TensorFlow.
+
+  Raises:
+    DataFormatError: naming the folder and the exact conversion command.
+  """
+  with open(os.path.join(folder, "dataset_info.json")) as f:
+    file_format = json.load(f).get("fileFormat", "tfrecord")
+  if file_format == "array_record":
+    return
+  root = os.path.dirname(os.path.dirname(folder))
+  raise DataFormatError(
+      f"{folder} holds TFDS {file_format!r} files; ounl_jax reads ArrayRecord "
+      "(tfds.data_source, no TensorFlow). Convert it once, on a machine with "
+      "TensorFlow (pip install -e '.[prepare]'): `tfds convert_format "
+      f"--dataset_version_dir={folder} --out_file_format=array_record "
+      f"--out_dir=NEW_DIR/{os.path.relpath(folder, root)}`, or rebuild it with "
+      "`tfds build NAME --file_format=array_record --data_dir=NEW_DIR`; then "
+      "point TFDS_DATA_DIR at NEW_DIR.")
+
+
+@contextlib.contextmanager
+def _quiet_decoder_warning():
+  """Hides TFDS's one-line advice to install OpenCV (PIL decodes these images)."""
+  logger = logging.getLogger("absl")
+  quiet = lambda record: "OpenCV is not installed" not in record.getMessage()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
+def _read_records(source, start: int, stop: int) -> list[dict]:
+  keys = list(range(start, stop))
+  try:
+    return source.__getitems__(keys)
+  except TypeError:  # TFDS's mock data source reads one record at a time only.
+    return [source[k] for k in keys]
+
+
+def read_split(spec: DatasetSpec, split: str, data_dir: str,
+               read_batch: int = 4096) -> LabelledImages:
+  """Reads one official TFDS split into memory, sorted by sample id.
+
+  Reads the prepared ArrayRecord files with ``tfds.data_source`` (random access,
+  no TensorFlow); the order of the records on disk does not matter, since samples
+  are sorted by their TFDS id.
+
+  Raises:
+    DataCorruptError: a record could not be read; names the folder and the fix.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  dataset = tfds.load(spec.tfds_name, split=split, data_dir=data_dir,
-                      download=False, batch_size=1024, shuffle_files=False)
-  images, labels, raw_ids = [], [], []
-  for batch in tfds.as_numpy(dataset):
-    images.append(batch["image"])
-    labels.append(batch["label"])
-    if "id" in batch:
-      raw_ids.append(batch["id"])
-  images = np.concatenate(images)
-  labels = np.concatenate(labels).astype(np.int32)
-  ids = _parse_ids(np.concatenate(raw_ids) if raw_ids else None, len(labels))
+  with _quiet_decoder_warning():
+    source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir,
+                              download=False)
+    images, labels, raw_ids = [], [], []
+    for start in range(0, len(source), read_batch):
+      try:
+        records = _read_records(source, start, min(start + read_batch, len(source)))
+      except Exception as error:  # pylint: disable=broad-except
+        raise DataCorruptError(
+            f"Could not read record {start}+ of {spec.tfds_name}/{split} under "
+            f"{data_dir!r} ({type(error).__name__}: {error}). The prepared files "
+            "are truncated or damaged: copy the folder again, or rebuild it "
+            "(WORKSPACE.md, 'Preparing a dataset').") from error
+      images.extend(r["image"] for r in records)
+      labels.extend(r["label"] for r in records)
+      raw_ids.extend(r["id"] for r in records if "id" in r)
+  images = np.stack(images)
+  labels = np.asarray(labels, dtype=np.int32)
+  ids = _parse_ids(np.asarray(raw_ids) if len(raw_ids) == len(labels) else None,
+                   len(labels))
   order = np.argsort(ids, kind="stable")
   return LabelledImages(to_unit_range(images[order]), labels[order], ids[order])
 
@@ -265,6 +340,7 @@ def load(name: str, *, data_dir: str | None = None, seed: int = 0,
   Raises:
     ValueError: unknown dataset.
     DataNotFoundError: the prepared data is not in ``data_dir`` (fails at once).
+    DataFormatError: the folder holds TFRecord files (says how to convert).
   """
   spec = get_spec(name)
   data_dir = data_dir or default_data_dir()
@@ -331,7 +407,7 @@ def describe(splits: Splits) -> dict[str, int]:
 
 __all__: Sequence[str] = (
     "CIFAR10_CLASSES", "CIFAR100_CLASSES", "STL10_CLASSES", "DATASETS",
-    "DataNotFoundError", "DatasetSpec", "LabelledImages", "Splits",
+    "DataCorruptError", "DataFormatError", "DataNotFoundError", "DatasetSpec", "LabelledImages", "Splits",
     "class_counts", "class_index", "default_data_dir", "describe", "get_spec",
     "load", "require_prepared", "select_unlearn_set", "split_official",
     "stratified_split", "to_unit_range",

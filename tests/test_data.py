@@ -7,14 +7,16 @@ import pytest
 import tensorflow_datasets as tfds
 
 from ounl_jax import data as data_lib
+from tests.conftest import mock_prepared_folder
 from tests.conftest import real_data_dir
 
 
 @pytest.fixture
 def mock_prepared(monkeypatch, tmp_path):
   """Mock TFDS examples; pretend the prepared folder exists (mock_data needs none)."""
-  monkeypatch.setattr(data_lib, "find_prepared", lambda spec, d: str(tmp_path))
-  return str(tmp_path)
+  folder = mock_prepared_folder(tmp_path)
+  monkeypatch.setattr(data_lib, "find_prepared", lambda spec, d: folder)
+  return folder
 
 
 @pytest.mark.parametrize("name,shape,classes,train_n,test_n", [
@@ -132,3 +134,33 @@ def test_real_cifar10_copy_splits(cifar10_splits):
   assert not set(splits.train.ids) & set(splits.valid.ids)
   means = splits.train.images.mean(axis=(0, 1, 2)) + 0.5
   np.testing.assert_allclose(means, [0.491, 0.482, 0.447], atol=0.01)
+
+
+def test_tfrecord_folder_is_refused_with_the_conversion_command(tmp_path):
+  folder = tmp_path / "cifar10" / "3.0.2"
+  folder.mkdir(parents=True)
+  (folder / "dataset_info.json").write_text('{"name": "cifar10"}')  # TFRecord.
+  with pytest.raises(data_lib.DataFormatError) as error:
+    data_lib.load("cifar10", data_dir=str(tmp_path))
+  message = str(error.value)
+  assert "tfds convert_format" in message and str(folder) in message
+  assert "--out_file_format=array_record" in message
+
+
+@pytest.mark.realdata
+def test_truncated_record_file_names_the_folder_and_the_fix(tmp_path):
+  data_dir = real_data_dir()
+  if data_dir is None:
+    pytest.skip("Real CIFAR-10 not found (set TFDS_DATA_DIR).")
+  source = data_lib.find_prepared(data_lib.get_spec("cifar10"), data_dir)
+  copy = tmp_path / "cifar10" / os.path.basename(source)
+  copy.mkdir(parents=True)
+  for name in os.listdir(source):
+    data = open(os.path.join(source, name), "rb").read()
+    if name.startswith("cifar10-test.array_record"):
+      data = data[:len(data) // 2]  # Truncated mid-file.
+    (copy / name).write_bytes(data)
+  with pytest.raises((data_lib.DataCorruptError)) as error:
+    data_lib.read_split(data_lib.get_spec("cifar10"), "test", str(tmp_path))
+  assert str(tmp_path) in str(error.value) and "copy the folder again" in str(error.value)
+

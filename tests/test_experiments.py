@@ -14,6 +14,7 @@ from experiments import pushing  # noqa: F401
 from experiments import reproduce
 from experiments import runner
 from ounl_jax import data as data_lib
+from tests.conftest import mock_prepared_folder
 from tests.conftest import real_data_dir
 
 FLAGS = flags.FLAGS
@@ -47,7 +48,8 @@ def check_schema(results, conditions):
 
 @pytest.fixture
 def mock_cifar10(monkeypatch, tmp_path):
-  monkeypatch.setattr(data_lib, "find_prepared", lambda spec, d: str(tmp_path))
+  folder = mock_prepared_folder(tmp_path)
+  monkeypatch.setattr(data_lib, "find_prepared", lambda spec, d: folder)
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "data"))
   with tfds.testing.mock_data(num_examples=300):
     yield tmp_path
