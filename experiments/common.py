@@ -164,8 +164,22 @@ def write_json(path: str, payload: Any) -> str:
 
 
 def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  """The JSON in ``path``; a damaged file names itself and the fix."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as error:
+    raise UserError(f"{path} is not valid JSON ({error}); it was cut short or "
+                    "edited. Delete it and rerun to write it again.") from error
+
+
+class UserError(Exception):
+  """A problem the user can fix; experiments print its one line and exit 2."""
+
+
+def warn(message: str) -> None:
+  """One line on stderr (experiments only; the library never prints)."""
+  print(f"warning: {message}", file=sys.stderr)
 
 
 def progress(iterable=None, *, total=None, desc=None, enabled=True, **kwargs):

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
 import time
 from typing import Any, NamedTuple
 
@@ -24,6 +22,7 @@ import jax
 import numpy as np
 
 from experiments import common
+from experiments import pushes
 from experiments import training
 from ounl_jax import data as data_lib
 from ounl_jax import service as service_lib
@@ -41,12 +40,14 @@ class AttackConfig:
 
   unlearn_class: str | None = None     # None: the paper's class A of the dataset.
   fraction: float = 0.1
+  sample_rule: str = "released"        # experiments/pushes.py SAMPLE_RULES.
   max_samples: int | None = None       # Cap on the user's samples (reduced scales).
   unlearning: str = "first_order"
   tau: float | None = None             # None: the method's default (2e-4).
   reduction: str | None = None
   scope: str | None = None
   reference_code: bool = False
+  reference_batch_size: int | None = None
   finetune_epochs: int | None = None
   finetune_learning_rate: float | None = None
   # Pushing.
@@ -80,6 +81,10 @@ def define_attack_flags() -> None:
                      "user owns and asks to unlearn (paper: 0.1 and 0.5).")
   flags.DEFINE_integer("max_samples", None,
                        "Cap on the number of samples (preset if unset).")
+  flags.DEFINE_enum("sample_rule", "released", list(pushes.SAMPLE_RULES),
+                    "released: push class-A samples until N = fraction x class A "
+                    "are pushed, submit those N (the authors' code); "
+                    "fraction_first: draw the fraction, drop the failures.")
   flags.DEFINE_enum("unlearning", "first_order", list(unlearning.METHODS),
                     "The server's unlearning method.")
   flags.DEFINE_float("tau", None, "First-order unlearning rate (default 2e-4, "
@@ -90,6 +95,10 @@ def define_attack_flags() -> None:
                     "(default head, as the released code).")
   flags.DEFINE_bool("reference_code", False, "Reproduce the released code's dropped "
                     "noise term (PROTOCOL 5) instead of Eq. 13 as written.")
+  flags.DEFINE_integer("reference_batch_size", None, "With --reference_code: the "
+                       "gradient batch whose full batches lose the noise term "
+                       "(released 256; smaller keeps the released share at "
+                       "smaller N).")
   flags.DEFINE_integer("finetune_epochs", None, "Fine-tune unlearning epochs (1).")
   flags.DEFINE_float("finetune_learning_rate", None, "Fine-tune SGD rate (0.01).")
   flags.DEFINE_string("target_class", None, "Targeted pushing towards this class "
@@ -126,6 +135,8 @@ def attack_config_from_flags(**overrides) -> AttackConfig:
   scale = FLAGS.scale
   config = AttackConfig(
       unlearn_class=FLAGS.unlearn_class, fraction=FLAGS.fraction,
+      sample_rule=FLAGS.sample_rule,
+      reference_batch_size=FLAGS.reference_batch_size,
       max_samples=common.from_preset("max_samples", scale),
       unlearning=FLAGS.unlearning, tau=FLAGS.tau, reduction=FLAGS.reduction,
       scope=FLAGS.scope, reference_code=FLAGS.reference_code,
@@ -182,6 +193,7 @@ def unlearning_settings(config: AttackConfig):
   settings = unlearning.default_settings(config.unlearning)
   overrides = {"tau": config.tau, "reduction": config.reduction,
                "scope": config.scope,
+               "reference_batch_size": config.reference_batch_size,
                "epochs": config.finetune_epochs,
                "learning_rate": config.finetune_learning_rate}
   fields = {f.name for f in dataclasses.fields(settings)}
@@ -222,13 +234,7 @@ def run_condition(ctx: Context, config: AttackConfig, images, labels, class_a: i
   """A fresh clean server unlearns (images, labels); its test-set report."""
   server = new_server(ctx, config)
   result = {}
-  if images is not None and len(labels) == 0:
-    # Nothing to submit (no sample was pushed by both methods): the server keeps
-    # the clean model, and the results say so instead of failing the whole run.
-    result = {"num_submitted": 0,
-              "note": "nothing submitted: no sample succeeded; raise "
-                      "--max_iterations or --max_samples"}
-  elif images is not None:
+  if images is not None:
     receipt = server.unlearn(service_lib.UnlearningRequest(images, labels))
     result = {"num_submitted": receipt.num_samples,
               "unlearn_seconds": receipt.seconds}
@@ -237,8 +243,12 @@ def run_condition(ctx: Context, config: AttackConfig, images, labels, class_a: i
 
 
 def run_summary(ctx: Context, config: AttackConfig, experiment: str, class_a: int,
-                user_samples_count: int) -> dict:
+                user_samples_count: int, submitted_count: int) -> dict:
   """What every over-unlearning results file starts with."""
+  settings = unlearning_settings(config)
+  noise_share = (unlearning.noise_term_count(submitted_count, settings)
+                 / max(submitted_count, 1)
+                 if isinstance(settings, unlearning.FirstOrderSettings) else None)
   final = ctx.trained.metrics["final"]
   return {
       "experiment": experiment,
@@ -247,8 +257,9 @@ def run_summary(ctx: Context, config: AttackConfig, experiment: str, class_a: in
                     else ctx.spec.name),
       "class_a": ctx.spec.class_names[class_a],
       "unlearning": config.unlearning,
-      "unlearning_settings": dataclasses.asdict(unlearning_settings(config)),
+      "unlearning_settings": dataclasses.asdict(settings),
       "user_samples": user_samples_count,
+      "noise_term_share": noise_share,
       "clean_model": {"train_accuracy": final["train"]["accuracy"],
                       "test_accuracy": final["test"]["accuracy"],
                       "num_params": ctx.trained.metrics["num_params"]},
@@ -272,118 +283,47 @@ def push_settings(config: AttackConfig, spec: data_lib.DatasetSpec):
                                   max_l2=config.max_l2, label_mode=config.label_mode)
 
 
-ATTACK_KEYS = ("unlearn_class", "fraction", "max_samples", "target_class",
-               "max_iterations", "pushing_i", "pushing_ii", "label_mode", "max_l2",
-               "unlearn_seed", "attack_seed")
+def _array_digest(*arrays) -> str:
+  digest = hashlib.sha256()
+  for array in arrays:
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()[:16]
 
 
-def attack_fingerprint(train_config: common.TrainConfig, config: AttackConfig) -> str:
-  """Identifies a push: the model and every setting that changes its output."""
-  payload = {"train": train_config.to_dict(),
-             "attack": {k: getattr(config, k) for k in ATTACK_KEYS}}
-  return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+def push_fingerprint(ctx: Context, config: AttackConfig,
+                     candidates: data_lib.LabelledImages) -> str:
+  """Identifies a push: model weights, candidate ids and pixels, every setting."""
+  leaves = jax.tree_util.tree_leaves(ctx.trained.variables)
+  return pushes.fingerprint({
+      "train": ctx.train_config.to_dict(),
+      "model": _array_digest(*[np.asarray(leaf) for leaf in leaves]),
+      "candidates": _array_digest(candidates.ids, candidates.images),
+      "sample_rule": config.sample_rule, "fraction": config.fraction,
+      "max_samples": config.max_samples,
+      "settings": dataclasses.asdict(push_settings(config, ctx.spec)),
+      "attack_seed": config.attack_seed, "unlearn_seed": config.unlearn_seed})
 
 
-PUSHED_FIELDS = ("images", "labels", "l2", "predicted", "iteration", "success",
-                 "status")
-
-
-def save_push(path: str, fingerprint: str, samples: data_lib.LabelledImages,
-              result: pushing_lib.PushResult, seconds: float) -> None:
-  """Writes the pushed samples (``attack/pushed.npz``; read by stealthiness)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  arrays = {"fingerprint": np.asarray(fingerprint), "ids": samples.ids,
-            "original": samples.images, "original_labels": result.original_labels,
-            "predicted_before": result.predicted_before,
-            "attacked": result.attacked, "crossed": result.crossed,
-            "iterations": result.iterations, "queries": result.queries,
-            "attack_queries": result.attack_queries,
-            "evaluation_queries": result.evaluation_queries,
-            "oracle_queries": np.asarray(result.oracle_queries),
-            "seconds": np.asarray(seconds)}
-  for name, pushed in (("pushing_i", result.pushing_i),
-                       ("pushing_ii", result.pushing_ii)):
-    for field in PUSHED_FIELDS:
-      key = name if field == "images" else f"{name}_{field}"
-      arrays[key] = getattr(pushed, field)
-  arrays["success_i"] = result.pushing_i.success
-  arrays["success_ii"] = result.pushing_ii.success
-  tmp = path + ".tmp.npz"
-  np.savez_compressed(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def load_push(path: str, fingerprint: str) -> dict | None:
-  """The saved push if it was made with the same model and settings."""
-  if not os.path.exists(path):
-    return None
-  with np.load(path) as saved:
-    if str(saved["fingerprint"]) != fingerprint:
-      return None
-    return {k: saved[k] for k in saved.files}
-
-
-def push_samples(ctx: Context, config: AttackConfig, samples, workdir: str, *,
-                 show_progress: bool = True) -> dict:
-  """Pushes the user's samples through the oracle (or reuses a saved push)."""
-  fingerprint = attack_fingerprint(ctx.train_config, config)
-  path = os.path.join(workdir, "attack", f"pushed-{fingerprint}.npz")
-  saved = load_push(path, fingerprint)
-  if saved is not None:
-    saved["reused"] = True
-    return saved
-  oracle = new_server(ctx, config).oracle()
+def push_for(ctx: Context, config: AttackConfig, workdir: str, *,
+             show_progress: bool = True) -> dict:
+  """The user's push under ``config.sample_rule`` (reused when saved)."""
+  class_a = class_a_of(ctx.spec, config)
   settings = push_settings(config, ctx.spec)
-  bar = common.progress(total=len(samples), desc="pushing (ZOO)",
-                        enabled=show_progress, unit="sample")
-
-  def on_chunk(progress):
-    bar.n = progress.samples_done
-    bar.set_postfix(iteration=progress.iteration, queries=progress.oracle_queries)
-    bar.refresh()
-
-  started = time.time()
-  result = pushing_lib.push(oracle, samples.images, samples.labels,
-                            jax.random.key(config.attack_seed), settings,
-                            on_chunk=on_chunk)
-  bar.close()
-  save_push(path, fingerprint, samples, result, time.time() - started)
-  latest = os.path.join(workdir, "attack", "pushed.npz")
-  save_push(latest, fingerprint, samples, result, time.time() - started)
-  saved = load_push(path, fingerprint)
-  saved["reused"] = False
-  return saved
-
-
-def _stats(values: np.ndarray) -> dict:
-  values = np.asarray(values, np.float64)
-  values = values[np.isfinite(values)]
-  if not len(values):
-    return {"mean": None, "std": None, "max": None}
-  return {"mean": float(values.mean()), "std": float(values.std()),
-          "max": float(values.max())}
-
-
-def attack_statistics(pushed: dict) -> dict:
-  attacked = pushed["attacked"]
-  stats = {"samples": int(len(attacked)), "attacked": int(attacked.sum()),
-           "misclassified_at_start": int((~attacked).sum()),
-           "crossed": int(pushed["crossed"].sum()),
-           "queries_per_sample": _stats(pushed["queries"][attacked]),
-           "iterations_per_sample": _stats(pushed["iterations"][attacked]),
-           "oracle_queries": int(pushed["oracle_queries"]),
-           "attack_seconds": float(pushed["seconds"]),
-           "reused_saved_push": bool(pushed["reused"])}
-  for name in ("pushing_i", "pushing_ii"):
-    success = pushed[f"{name}_success"]
-    statuses, counts = np.unique(pushed[f"{name}_status"], return_counts=True)
-    stats[name] = {
-        "successes": int(success.sum()),
-        "success_rate": float(success.sum() / max(attacked.sum(), 1)),
-        "l2": _stats(pushed[f"{name}_l2"][success]),
-        "status_counts": {str(s): int(c) for s, c in zip(statuses, counts)},
-    }
-  return stats
+  key = jax.random.key(config.attack_seed)
+  if config.sample_rule == "released":
+    candidates = pushes.candidate_order(ctx.splits.train, class_a,
+                                        config.unlearn_seed)
+    requested = pushes.requested_count(ctx.splits.train, class_a, config.fraction,
+                                       config.max_samples)
+    run = lambda: pushes.push_released(
+        new_server(ctx, config).oracle(), candidates, requested, key, settings,
+        show_progress=show_progress)
+  else:
+    candidates = user_samples(ctx, config)
+    run = lambda: pushes.push_fraction_first(
+        new_server(ctx, config).oracle(), candidates, key, settings,
+        show_progress=show_progress)
+  return pushes.cached_push(workdir, push_fingerprint(ctx, config, candidates), run)
 
 
 def run_pushing(ctx: Context, config: AttackConfig, workdir: str, *,
@@ -391,31 +331,36 @@ def run_pushing(ctx: Context, config: AttackConfig, workdir: str, *,
   """Clean, normal, Pushing-I and Pushing-II on the same training ids (Sec. V-B)."""
   spec = ctx.spec
   class_a = class_a_of(spec, config)
-  samples = user_samples(ctx, config)
-  pushed = push_samples(ctx, config, samples, workdir, show_progress=show_progress)
-  # Paired: the ids pushed successfully by both methods are submitted in every
-  # condition, so the conditions differ only in what the user did to the images.
-  paired = np.flatnonzero(pushed["pushing_i_success"] & pushed["pushing_ii_success"])
+  pushed = push_for(ctx, config, workdir, show_progress=show_progress)
+  # Paired: the same ids are submitted in every condition, so the conditions
+  # differ only in what the user did to the images.
+  rows = pushes.submitted_rows(pushed, int(pushed["requested"]))
+  if not len(rows):
+    raise common.UserError(
+        "No sample was pushed by both Pushing-I and Pushing-II, so nothing can be "
+        "submitted; raise --max_iterations or --max_l2, or use a larger --fraction.")
   extra = {}
   if config.target_class is not None:
     extra["target_class"] = data_lib.class_index(spec, config.target_class)
   started = time.time()
-  conditions = {
-      "clean": run_condition(ctx, config, None, None, class_a, extra),
-      "normal": run_condition(ctx, config, samples.images[paired],
-                              samples.labels[paired], class_a, extra),
-      "pushing_i": run_condition(ctx, config, pushed["pushing_i"][paired],
-                                 pushed["pushing_i_labels"][paired], class_a, extra),
-      "pushing_ii": run_condition(ctx, config, pushed["pushing_ii"][paired],
-                                  pushed["pushing_ii_labels"][paired], class_a,
-                                  extra),
+  submissions = {
+      "normal": (pushed["original"][rows], pushed["original_labels"][rows]),
+      "pushing_i": (pushed["pushing_i"][rows], pushed["pushing_i_labels"][rows]),
+      "pushing_ii": (pushed["pushing_ii"][rows], pushed["pushing_ii_labels"][rows]),
   }
+  conditions = {"clean": run_condition(ctx, config, None, None, class_a, extra)}
+  for name, (images, labels) in submissions.items():
+    conditions[name] = run_condition(ctx, config, images, labels, class_a, extra)
+  requested = int(pushed["requested"])
   return {
-      **run_summary(ctx, config, "pushing", class_a, len(samples)),
+      **run_summary(ctx, config, "pushing", class_a, requested, len(rows)),
       "target_class": config.target_class,
-      "submitted_ids": samples.ids[paired],
+      "sample_rule": config.sample_rule,
+      "requested": requested,
+      "short_by": requested - len(rows),
+      "submitted_ids": pushed["ids"][rows],
       "conditions": conditions,
-      "attack": attack_statistics(pushed),
+      "attack": pushes.statistics(pushed),
       "timings": {"unlearn_and_evaluate_seconds": time.time() - started,
                   "attack_seconds": float(pushed["seconds"])},
   }
@@ -450,7 +395,7 @@ def run_blending(ctx: Context, config: AttackConfig) -> dict:
   }
   labels, counts = np.unique(blended.labels, return_counts=True)
   return {
-      **run_summary(ctx, config, "blending", class_a, len(samples)),
+      **run_summary(ctx, config, "blending", class_a, len(samples), len(samples)),
       "class_b": spec.class_names[class_b],
       "blend_ratio": config.blend_ratio,
       "submitted_ids": samples.ids,

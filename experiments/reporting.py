@@ -65,9 +65,17 @@ def attack_lines(results: dict) -> list[str]:
     return [f"- Blending ratio {results['blend_ratio']} with class "
             f"{results['class_b']}; submitted labels: "
             f"{attack['submitted_label_counts']}; {attack['queries']} oracle queries."]
-  lines = [f"- User samples: {attack['samples']} ({attack['attacked']} correctly "
-           f"classified and attacked); submitted in every condition: "
-           f"{len(results['submitted_ids'])} (pushed by both methods)."]
+  submitted = len(results["submitted_ids"])
+  lines = [f"- Sample rule `{results.get('sample_rule', 'fraction_first')}`: N = "
+           f"{attack['requested']} requested; {attack['candidates_tried']} "
+           f"candidates tried ({attack['candidates_misclassified']} misclassified "
+           f"by the clean model, {attack['attacked']} attacked); submitted in every "
+           f"condition: {submitted} (pushed by both methods)"
+           + (f", {attack['requested'] - submitted} short of N: class A ran out."
+              if submitted < attack["requested"] else ".")]
+  if results.get("noise_term_share") is not None:
+    lines.append(f"- Samples keeping their noise term in the first-order update: "
+                 f"{pct(results['noise_term_share'])}.")
   for name in ("pushing_i", "pushing_ii"):
     s = attack[name]
     l2 = s["l2"]
@@ -78,7 +86,8 @@ def attack_lines(results: dict) -> list[str]:
         f"max {l2['max'] if l2['max'] is None else round(l2['max'], 3)}; "
         f"statuses {s['status_counts']}.")
   q = attack["queries_per_sample"]
-  lines.append(f"- Queries per attacked sample: mean "
+  lines.append(f"- Queries per attacked sample: median "
+               f"{q['median'] if q['median'] is None else round(q['median'])}, mean "
                f"{q['mean'] if q['mean'] is None else round(q['mean'])}, "
                f"max {q['max'] if q['max'] is None else round(q['max'])}; oracle "
                f"total {attack['oracle_queries']:,}; attack time "

@@ -44,9 +44,9 @@ flags.DEFINE_integer("seed", 0, "Seeds the choice of pairs.")
 flags.DEFINE_string("workdir", "./runs/default",
                     "Folder holding attack/pushed.npz; results are written here.")
 
-METHODS = {"pushing_i": ("Pushing-I", "pushing_i", "success_i"),
-           "pushing_ii": ("Pushing-II", "pushing_ii", "success_ii")}
-REQUIRED_KEYS = ("original", "pushing_i", "pushing_ii", "success_i", "success_ii",
+METHODS = {"pushing_i": ("Pushing-I", "pushing_i", "pushing_i_success"),
+           "pushing_ii": ("Pushing-II", "pushing_ii", "pushing_ii_success")}
+REQUIRED_KEYS = ("original", "pushing_i", "pushing_ii", "pushing_i_success", "pushing_ii_success",
                  "ids")
 
 # Table XIII (CIFAR-10, 50 pairs, mean +- std).

@@ -35,8 +35,10 @@ flags.DEFINE_float("fraction", 0.1, "Fraction of class A's training samples "
                    "submitted (the paper's 0.1 and 0.5).")
 flags.DEFINE_enum("method", "first_order", list(unlearning.METHODS),
                   "The server's unlearning method.")
-flags.DEFINE_integer("unlearn_seed", 88, "Seeds the unlearn-set selection and the "
-                     "server's key (released code default 88).")
+flags.DEFINE_integer("unlearn_seed", 88, "Seeds the unlearn-set selection "
+                     "(released code default 88).")
+flags.DEFINE_integer("server_seed", 0, "Seeds the server's unlearning noise (the "
+                     "same key as the pushing and blending experiments).")
 flags.DEFINE_float("tau", None, "first_order / gradient_ascent: unlearning rate "
                    "(default 2e-4, the released code; Warnecke CIFAR 2e-5).")
 flags.DEFINE_integer("steps", None, "first_order / gradient_ascent: steps (1).")
@@ -47,7 +49,9 @@ flags.DEFINE_enum("scope", None, ["head", "all"],
 flags.DEFINE_enum("replacement", None, ["noise", "black", "white", "none"],
                   "first_order: irrelevant samples (noise).")
 flags.DEFINE_bool("reference_code", None, "first_order: reproduce the released "
-                  "code's dropped noise term on full batches of 256 (PROTOCOL 5).")
+                  "code's dropped noise term on full gradient batches (PROTOCOL 5).")
+flags.DEFINE_integer("reference_batch_size", None, "first_order with "
+                     "--reference_code: the gradient batch (released 256).")
 flags.DEFINE_float("finetune_learning_rate", None, "fine_tune: SGD rate (0.01).")
 flags.DEFINE_integer("finetune_epochs", None, "fine_tune: epochs (1).")
 flags.DEFINE_string("results_name", "unlearn_results.json",
@@ -57,6 +61,7 @@ flags.DEFINE_string("results_name", "unlearn_results.json",
 _SETTING_FLAGS = {
     "tau": "tau", "steps": "steps", "reduction": "reduction", "scope": "scope",
     "replacement": "replacement", "reference_code": "reference_code",
+    "reference_batch_size": "reference_batch_size",
     "finetune_learning_rate": "learning_rate", "finetune_epochs": "epochs",
 }
 
@@ -99,7 +104,7 @@ def main(argv):
                                             FLAGS.unlearn_seed)
   server = service_lib.UnlearningService(
       trained.model, trained.variables, splits.test,
-      key=jax.random.key(FLAGS.unlearn_seed), method=FLAGS.method,
+      key=jax.random.key(FLAGS.server_seed), method=FLAGS.method,
       settings=settings)
   before = server.evaluate(class_a)
   receipt = server.unlearn(service_lib.UnlearningRequest(unlearn_set.images,
@@ -114,7 +119,8 @@ def main(argv):
       "unlearned_ids": unlearn_set.ids,
       "method": FLAGS.method,
       "settings": dataclasses.asdict(settings),
-      "seeds": {"train": config.seed, "unlearn": FLAGS.unlearn_seed},
+      "seeds": {"train": config.seed, "unlearn": FLAGS.unlearn_seed,
+                "server": FLAGS.server_seed},
       "receipt": dataclasses.asdict(receipt),
       "clean_class_a_correct": int(before.histogram.sum()),
       "before": evaluation_dict(before, spec),
@@ -125,6 +131,7 @@ def main(argv):
                                          "fraction": FLAGS.fraction,
                                          "unlearn_class": spec.class_names[class_a],
                                          "unlearn_seed": FLAGS.unlearn_seed,
+                                         "server_seed": FLAGS.server_seed,
                                          "settings": dataclasses.asdict(settings)}}),
   }
   path = common.write_json(os.path.join(FLAGS.workdir, FLAGS.results_name), results)

@@ -227,7 +227,7 @@ def _write_pushed(path, n=12):
   pushed["pushing_i"][~success_i] = np.nan
   pushed["pushing_ii"][~success_ii] = np.nan
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  np.savez(path, original=original, success_i=success_i, success_ii=success_ii,
+  np.savez(path, original=original, pushing_i_success=success_i, pushing_ii_success=success_ii,
            ids=np.arange(100, 100 + n), **pushed)
 
 

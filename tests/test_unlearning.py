@@ -165,6 +165,41 @@ def test_replacement_weights_follow_the_released_code():
       10, replacement="none", reference_code=False)).sum() == 0
 
 
+@pytest.mark.parametrize("count,batch,kept", [
+    # Hand counts: N - batch * floor(N / batch) samples keep their noise term.
+    (100, 256, 100), (300, 256, 44), (400, 256, 144),
+    (100, 64, 36), (300, 128, 44), (400, 144, 112),
+])
+def test_noise_term_share_at_any_n(count, batch, kept):
+  code = unlearning.FirstOrderSettings(reference_code=True,
+                                       reference_batch_size=batch)
+  assert unlearning.noise_term_count(count, code) == kept
+  weights = np.asarray(first_order.replacement_weights(
+      count, replacement="noise", reference_code=True, reference_batch_size=batch))
+  assert weights.sum() == kept and weights[count - kept:].all()
+  paper = unlearning.FirstOrderSettings(reference_batch_size=batch)
+  assert unlearning.noise_term_count(count, paper) == count
+
+
+def test_reference_batch_size_moves_the_dropped_noise_terms(linear_setup):
+  variables, x, y = linear_setup
+  x, y = x[:100], y[:100]  # 100 = 64 + 36: the first 64 lose their noise term.
+  key = jax.random.key(3)
+  code = unlearning.FirstOrderSettings(tau=1e-3, scope="all", reference_code=True,
+                                       reference_batch_size=64)
+  x_hat = first_order.replacement_images(key, jnp.asarray(x), replacement="noise")
+  got = unlearning.first_order_unlearn(LINEAR, variables, x, y, key, settings=code)
+  assert_params_close(got["params"], hand_eq13(
+      variables["params"], x, y, x_hat, np.r_[np.zeros(64), np.ones(36)], tau=1e-3,
+      reduction="sum", scope="all"))
+
+
+def test_negative_or_zero_tau_is_refused():
+  for tau in (-1.0, 0.0):
+    with pytest.raises(ValueError, match="tau must be > 0"):
+      unlearning.FirstOrderSettings(tau=tau)
+
+
 def test_reference_code_drops_noise_on_full_batches_only(linear_setup):
   variables, x, y = linear_setup  # 300 = 256 + 44.
   key = jax.random.key(11)

@@ -28,6 +28,7 @@ from ounl_jax.unlearning.fine_tune import fine_tune_unlearn
 from ounl_jax.unlearning.fine_tune import random_wrong_labels
 from ounl_jax.unlearning.first_order import FirstOrderSettings
 from ounl_jax.unlearning.first_order import first_order_unlearn
+from ounl_jax.unlearning.first_order import noise_term_count
 from ounl_jax.unlearning.first_order import replacement_images
 from ounl_jax.unlearning.first_order import replacement_weights
 from ounl_jax.unlearning.gradient_ascent import GradientAscentSettings
@@ -97,6 +98,6 @@ def unlearn(name: str, model: models.Model, variables, images, labels,
 __all__ = (
     "FineTuneSettings", "FirstOrderSettings", "GradientAscentSettings", "METHODS",
     "Method", "default_settings", "fine_tune_labels", "fine_tune_unlearn",
-    "first_order_unlearn", "get_method", "gradient_ascent_unlearn",
+    "first_order_unlearn", "get_method", "noise_term_count", "gradient_ascent_unlearn",
     "random_wrong_labels", "replacement_images", "replacement_weights", "unlearn",
 )

@@ -18,6 +18,9 @@ of 256 samples, so L(z_hat) contributes only for the samples of the last, partia
 batch (PROTOCOL section 5 "Likely bug", section 16.2). For CIFAR-10 that leaves the
 noise term on 144 of 400 and 208 of 2,000 samples; with a multiple of 256 samples it
 is pure gradient ascent. The default (``False``) follows the paper's formula.
+``reference_batch_size`` sets that gradient batch, so that the released share of
+noise terms (144 / 400 = 36% at the paper's 10%) can be reproduced at any N
+(``noise_term_count``).
 """
 
 from __future__ import annotations
@@ -61,7 +64,10 @@ class FirstOrderSettings:
     shared_noise: one noise image replicated for every sample (the released code)
       instead of one image per sample (the paper's "images of random noise").
     reference_code: reproduce the released code's dropped noise term on full
-      batches of 256 (PROTOCOL section 5) instead of Eq. 13 as written.
+      gradient batches (PROTOCOL section 5) instead of Eq. 13 as written.
+    reference_batch_size: the released code's gradient batch (256): with
+      ``reference_code``, samples in full batches of this size lose their noise
+      term. Smaller values give the released share of noise terms at smaller N.
     batch_size: samples per gradient batch; only bounds memory (the result is
       the same up to float summation order).
   """
@@ -73,6 +79,7 @@ class FirstOrderSettings:
   replacement: str = "noise"
   shared_noise: bool = True
   reference_code: bool = False
+  reference_batch_size: int = REFERENCE_BATCH_SIZE
   batch_size: int = REFERENCE_BATCH_SIZE
 
   def __post_init__(self):
@@ -83,6 +90,13 @@ class FirstOrderSettings:
       raise ValueError(f"steps must be >= 1, got {self.steps}.")
     if self.batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+    if self.reference_batch_size < 1:
+      raise ValueError("reference_batch_size must be >= 1, got "
+                       f"{self.reference_batch_size}.")
+    if not self.tau > 0:
+      raise ValueError(f"tau must be > 0, got {self.tau} (a negative tau reverses "
+                       "the update, teaching the samples instead of unlearning "
+                       "them).")
 
 
 def distinct_replacements(key: jax.Array, images: jax.Array, *, replacement: str,
@@ -125,19 +139,33 @@ def replacement_images(key: jax.Array, images: jax.Array, *, replacement: str,
   return jnp.broadcast_to(distinct, images.shape)
 
 
-def replacement_weights(count: int, *, replacement: str,
-                        reference_code: bool) -> jax.Array:
+def replacement_weights(count: int, *, replacement: str, reference_code: bool,
+                        reference_batch_size: int = REFERENCE_BATCH_SIZE
+                        ) -> jax.Array:
   """Weight of each L(z_hat_i) in d: 1 in Eq. 13, 0 where the code drops it.
 
   With ``reference_code`` only the samples of the last, partial batch of
-  ``REFERENCE_BATCH_SIZE`` keep their noise term (PROTOCOL section 5).
+  ``reference_batch_size`` keep their noise term (PROTOCOL section 5).
   """
   if replacement == "none":
     return jnp.zeros((count,), jnp.float32)
   if not reference_code:
     return jnp.ones((count,), jnp.float32)
-  first_partial = (count // REFERENCE_BATCH_SIZE) * REFERENCE_BATCH_SIZE
+  first_partial = (count // reference_batch_size) * reference_batch_size
   return (jnp.arange(count) >= first_partial).astype(jnp.float32)
+
+
+def noise_term_count(count: int, settings: FirstOrderSettings) -> int:
+  """How many of ``count`` submitted samples keep their L(z_hat) term in d.
+
+  All of them in Eq. 13; with ``reference_code`` only the last, partial gradient
+  batch: ``count mod reference_batch_size`` (PROTOCOL section 5).
+  """
+  if settings.replacement == "none":
+    return 0
+  if not settings.reference_code:
+    return count
+  return count % settings.reference_batch_size
 
 
 def scope_mask(params: Any, scope: str) -> Any:
@@ -245,7 +273,8 @@ def first_order_unlearn(model: models.Model, variables, images, labels,
                                       replacement=settings.replacement,
                                       shared_noise=settings.shared_noise)
   weights = replacement_weights(images.shape[0], replacement=settings.replacement,
-                                reference_code=settings.reference_code)
+                                reference_code=settings.reference_code,
+                                reference_batch_size=settings.reference_batch_size)
   batch_stats = variables.get("batch_stats", {})
   mask = scope_mask(variables["params"], settings.scope)
 

@@ -1,0 +1,232 @@
+"""Which samples the malicious user pushes and submits, and the push cache.
+
+Two sample rules (docs/protocol.md §4):
+
+* ``released`` (default, the authors' code): N = ``fraction`` x (class A's training
+  samples). The user pushes class-A training samples in a seeded order until N of
+  them have been pushed by both Pushing-I and Pushing-II (or the class runs out),
+  and submits exactly those N. Every candidate is first classified with one
+  (counted) query; the misclassified ones are skipped.
+* ``fraction_first`` (this project's first rule): a seeded ``fraction`` of class A
+  is drawn first; the samples that fail (misclassified, not pushed) are dropped, so
+  fewer than N are submitted.
+
+A push is saved as ``attack/pushed-<fingerprint>.npz`` and reused when the model,
+the data and every attack setting match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from experiments import common
+from ounl_jax import data as data_lib
+from ounl_jax.attacks import labels as labels_lib
+from ounl_jax.attacks import pushing as pushing_lib
+
+SAMPLE_RULES = ("released", "fraction_first")
+PUSHED_FIELDS = ("images", "labels", "l2", "predicted", "iteration", "success",
+                 "status")
+# Extra candidates pushed per round beyond the ones still needed (ZOO fails rarely).
+ROUND_MARGIN = 1.05
+
+
+def fingerprint(payload: dict) -> str:
+  """A short hash of everything a push depends on (model, data, ids, settings)."""
+  text = json.dumps(payload, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def to_arrays(samples: data_lib.LabelledImages, result: pushing_lib.PushResult
+              ) -> dict[str, np.ndarray]:
+  """One push as flat arrays (what ``attack/pushed.npz`` holds)."""
+  arrays = {"ids": samples.ids, "original": samples.images,
+            "original_labels": result.original_labels,
+            "predicted_before": result.predicted_before,
+            "attacked": result.attacked, "crossed": result.crossed,
+            "iterations": result.iterations, "queries": result.queries,
+            "attack_queries": result.attack_queries,
+            "evaluation_queries": result.evaluation_queries}
+  for name, pushed in (("pushing_i", result.pushing_i),
+                       ("pushing_ii", result.pushing_ii)):
+    for field in PUSHED_FIELDS:
+      arrays[name if field == "images" else f"{name}_{field}"] = getattr(pushed,
+                                                                        field)
+  return arrays
+
+
+def concatenate(rounds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.concatenate([r[k] for r in rounds]) for k in rounds[0]}
+
+
+def save(path: str, arrays: dict) -> None:
+  """Writes a push atomically (a crash never leaves half a file)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+  os.replace(tmp, path)
+
+
+def load(path: str, key: str) -> dict | None:
+  """The saved push if it has fingerprint ``key``; None if absent or unreadable."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path) as saved:
+      if str(saved["fingerprint"]) != key:
+        return None
+      return {k: saved[k] for k in saved.files}
+  except (OSError, ValueError, KeyError, EOFError) as error:
+    common.warn(f"{path} is unreadable ({type(error).__name__}); pushing again.")
+    return None
+
+
+def requested_count(train: data_lib.LabelledImages, class_a: int, fraction: float,
+                    max_samples: int | None) -> int:
+  """N = fraction x (class A's training samples), capped at ``max_samples``."""
+  count = int(np.sum(train.labels == class_a) * fraction)
+  return count if max_samples is None else min(count, max_samples)
+
+
+def candidate_order(train: data_lib.LabelledImages, class_a: int,
+                    seed: int) -> data_lib.LabelledImages:
+  """Class A's training samples in the user's seeded order."""
+  members = np.flatnonzero(train.labels == class_a)
+  return train.take(np.random.default_rng(seed).permutation(members))
+
+
+def _bar_callback(bar, offset: int):
+  def on_chunk(progress):
+    bar.n = offset + progress.samples_done
+    bar.set_postfix(iteration=progress.iteration, queries=progress.oracle_queries)
+    bar.refresh()
+  return on_chunk
+
+
+def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
+                  key: jax.Array, settings: pushing_lib.PushSettings, *,
+                  show_progress: bool = True) -> dict:
+  """The released sample rule: push candidates in order until ``requested`` succeed.
+
+  Each round pushes the next correctly classified candidates, as many as are still
+  needed (times ``ROUND_MARGIN``). Returns the rounds' arrays, with
+  ``candidates_tried`` (candidates examined, in order), their clean predictions
+  and the number of screening queries.
+  """
+  state = oracle.init()
+  predicted, state = labels_lib.oracle_predictions(
+      oracle, state, candidates.images, batch_size=settings.evaluation_batch_size)
+  pushable = predicted == candidates.labels
+  if settings.targeted:
+    pushable &= predicted != settings.target_class
+  queue = np.flatnonzero(pushable)
+  rounds, done, position = [], 0, 0
+  bar = common.progress(total=requested, desc="pushing (ZOO)", unit="sample",
+                        enabled=show_progress)
+  while done < requested and position < len(queue):
+    size = math.ceil((requested - done) * ROUND_MARGIN)
+    rows = queue[position:position + size]
+    position += len(rows)
+    samples = candidates.take(rows)
+    result = pushing_lib.push(oracle, samples.images, samples.labels,
+                              jax.random.fold_in(key, len(rounds)), settings,
+                              oracle_state=state,
+                              on_chunk=_bar_callback(bar, done))
+    state = result.oracle_state
+    rounds.append(to_arrays(samples, result))
+    done += int(np.sum(result.pushing_i.success & result.pushing_ii.success))
+    bar.n = min(done, requested)
+    bar.refresh()
+  bar.close()
+  tried = int(queue[position - 1]) + 1 if position else len(candidates)
+  arrays = concatenate(rounds) if rounds else {}
+  arrays.update(candidates_tried=np.asarray(tried),
+                candidates_misclassified=np.asarray(int(np.sum(~pushable[:tried]))),
+                screening_queries=np.asarray(len(candidates)),
+                oracle_queries=np.asarray(int(state.queries)),
+                requested=np.asarray(requested))
+  return arrays
+
+
+def push_fraction_first(oracle, samples: data_lib.LabelledImages, key: jax.Array,
+                        settings: pushing_lib.PushSettings, *,
+                        show_progress: bool = True) -> dict:
+  """The first rule: push every drawn sample; the failures are dropped later."""
+  bar = common.progress(total=len(samples), desc="pushing (ZOO)", unit="sample",
+                        enabled=show_progress)
+  result = pushing_lib.push(oracle, samples.images, samples.labels, key, settings,
+                            on_chunk=_bar_callback(bar, 0))
+  bar.close()
+  arrays = to_arrays(samples, result)
+  arrays.update(candidates_tried=np.asarray(len(samples)),
+                candidates_misclassified=np.asarray(int(np.sum(~result.attacked))),
+                screening_queries=np.asarray(0),
+                oracle_queries=np.asarray(result.oracle_queries),
+                requested=np.asarray(len(samples)))
+  return arrays
+
+
+def submitted_rows(pushed: dict, requested: int) -> np.ndarray:
+  """The rows submitted: the first ``requested`` pushed by both methods."""
+  both = pushed["pushing_i_success"] & pushed["pushing_ii_success"]
+  return np.flatnonzero(both)[:requested]
+
+
+def _stats(values) -> dict:
+  values = np.asarray(values, np.float64)
+  values = values[np.isfinite(values)]
+  if not len(values):
+    return {"mean": None, "median": None, "std": None, "max": None}
+  return {"mean": float(values.mean()), "median": float(np.median(values)),
+          "std": float(values.std()), "max": float(values.max())}
+
+
+def statistics(pushed: dict) -> dict:
+  """What results.json reports of a push: counts, failures, L2, queries, time."""
+  attacked = pushed["attacked"]
+  stats = {"requested": int(pushed["requested"]),
+           "candidates_tried": int(pushed["candidates_tried"]),
+           "candidates_misclassified": int(pushed["candidates_misclassified"]),
+           "samples": int(len(attacked)), "attacked": int(attacked.sum()),
+           "misclassified_at_start": int((~attacked).sum()),
+           "crossed": int(pushed["crossed"].sum()),
+           "queries_per_sample": _stats(pushed["queries"][attacked]),
+           "iterations_per_sample": _stats(pushed["iterations"][attacked]),
+           "screening_queries": int(pushed["screening_queries"]),
+           "oracle_queries": int(pushed["oracle_queries"]),
+           "attack_seconds": float(pushed["seconds"]),
+           "reused_saved_push": bool(pushed["reused"])}
+  for name in ("pushing_i", "pushing_ii"):
+    success = pushed[f"{name}_success"]
+    statuses, counts = np.unique(pushed[f"{name}_status"], return_counts=True)
+    stats[name] = {
+        "successes": int(success.sum()),
+        "success_rate": float(success.sum() / max(attacked.sum(), 1)),
+        "l2": _stats(pushed[f"{name}_l2"][success]),
+        "status_counts": {str(s): int(c) for s, c in zip(statuses, counts)},
+    }
+  return stats
+
+
+def cached_push(workdir: str, key: str, run) -> dict:
+  """The saved push with fingerprint ``key``, or ``run()``'s, saved (timed)."""
+  path = os.path.join(workdir, "attack", f"pushed-{key}.npz")
+  saved = load(path, key)
+  if saved is not None:
+    saved["reused"] = True
+    return saved
+  started = time.time()
+  arrays = run()
+  arrays.update(fingerprint=np.asarray(key), seconds=np.asarray(time.time() - started))
+  save(path, arrays)
+  save(os.path.join(workdir, "attack", "pushed.npz"), arrays)
+  arrays = {k: np.asarray(v) for k, v in arrays.items()}
+  arrays["reused"] = False
+  return arrays
