@@ -5,12 +5,11 @@
 table: one model trained per architecture in ``WORKDIR/<model>``, pushing at 10%.
 """
 
-from absl import app
-
+from experiments import common
 from experiments import reproduce
 
 reproduce.FLAGS.set_default("table", "VIII")
 
 
 if __name__ == "__main__":
-  app.run(reproduce.main)
+  common.run_main(reproduce.main)

@@ -8,8 +8,7 @@ Table XI, Fig. 8 (``--fraction``, ``--blend_class``). Writes WORKDIR/results.jso
 results.md and figures; the last line printed is the path of results.json.
 """
 
-from absl import app
-
+from experiments import common
 from experiments import runner
 
 
@@ -19,4 +18,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(main)

@@ -51,6 +51,8 @@ def define_common_flags(defaults: dict[str, Any] | None = None) -> None:
                      "Adam-AMSGrad learning rate; default per dataset (1e-3, "
                      "CIFAR-100 1e-4 as the released code).")
   flags.DEFINE_bool("progress", True, "Show progress bars.")
+  flags.DEFINE_bool("debug", False, "Show the full traceback of a user error "
+                    "instead of its one-line message.")
 
 
 def quiet_logs() -> None:
@@ -173,8 +175,33 @@ def read_json(path: str) -> Any:
                     "edited. Delete it and rerun to write it again.") from error
 
 
-class UserError(Exception):
+class UserError(ValueError):
   """A problem the user can fix; experiments print its one line and exit 2."""
+
+
+def user_errors() -> tuple[type, ...]:
+  """Errors whose message is the whole story: printed as one line, exit 2."""
+  # pylint: disable=g-import-not-at-top
+  from ounl_jax import checkpoint
+  from ounl_jax import data as data_lib
+  return (UserError, data_lib.DataNotFoundError, data_lib.DataFormatError,
+          data_lib.DataCorruptError, checkpoint.CheckpointError)
+
+
+def run_main(main) -> None:
+  """``app.run(main)``; a user error prints one line and exits 2 (--debug: raise)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except user_errors() as error:
+      if FLAGS.debug:
+        raise
+      print(f"error: {error}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(wrapped)
 
 
 def warn(message: str) -> None:

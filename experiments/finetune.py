@@ -5,8 +5,7 @@
 the wrong classes and fine-tunes with SGD (PROTOCOL section 6).
 """
 
-from absl import app
-
+from experiments import common
 from experiments import runner
 
 
@@ -16,4 +15,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(main)

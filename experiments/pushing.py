@@ -11,8 +11,7 @@ Table X (``--unlearn_class=bird``), Tables V-VI (``--target_class=cat``) and Tab
 the last line printed is the path of results.json.
 """
 
-from absl import app
-
+from experiments import common
 from experiments import runner
 
 
@@ -22,4 +21,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(main)

@@ -169,6 +169,29 @@ def histogram_figure(results: dict, path: str) -> str:
   return path
 
 
+def sweep_figure(measured: dict, path: str) -> str:
+  """Fig. 8 / Fig. 10: drop versus normal unlearning against the number of samples."""
+  first = next(iter(measured.values()))
+  pushing = first["experiment"] == "pushing"
+  key = "overall_accuracy" if pushing else "class_b_accuracy"
+  methods = ("pushing_i", "pushing_ii") if pushing else ("blending",)
+  counts = [len(r["submitted_ids"]) for r in measured.values()]
+  fig, ax = plt.subplots(figsize=(5.5, 3.5))
+  for method in methods:
+    drops = [100 * (r["conditions"]["normal"][key] - r["conditions"][method][key])
+             for r in measured.values()]
+    ax.plot(counts, drops, marker="o", label=CONDITION_NAMES[method])
+  ax.set_xlabel("samples submitted (N)")
+  ax.set_ylabel(f"drop vs normal unlearning\n({key.replace('_', ' ')}, points)")
+  ax.axhline(0, color="#888", lw=0.8)
+  ax.legend(fontsize=8)
+  ax.set_title(f"{'Fig. 10' if pushing else 'Fig. 8a'} on {first['dataset']}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def write_figures(results: dict, workdir: str) -> list[str]:
   prefix = results["experiment"]
   return [class_a_figure(results, os.path.join(workdir, f"{prefix}_class_accuracy.png")),

@@ -9,6 +9,7 @@ import os
 from experiments import common
 from experiments import pipeline
 from experiments import reporting
+from experiments import validation
 
 FLAGS = common.FLAGS
 common.define_common_flags({"workdir": "./runs/cifar10"})
@@ -29,6 +30,8 @@ def run(experiment: str, **overrides) -> str:
   common.quiet_logs()
   train_config = common.train_config_from_flags()
   config = pipeline.attack_config_from_flags(**overrides)
+  validation.check_attack(validation.check_train(train_config), config)
+  validation.check_workdir(FLAGS.workdir)
   ctx = pipeline.prepare(train_config, FLAGS.workdir, data_dir=FLAGS.data_dir,
                          show_progress=FLAGS.progress)
   if experiment == "pushing":

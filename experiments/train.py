@@ -5,10 +5,9 @@ train/validation/test accuracy overall and per class, config, seed, versions, co
 and checkpoints; an interrupted run resumes where it stopped.
 """
 
-from absl import app
-
 from experiments import common
 from experiments import training
+from experiments import validation
 
 FLAGS = common.FLAGS
 common.define_common_flags({"workdir": "./runs/train"})
@@ -18,6 +17,8 @@ def main(argv):
   del argv
   common.quiet_logs()
   config = common.train_config_from_flags()
+  validation.check_train(config)
+  validation.check_workdir(FLAGS.workdir)
   splits = training.load_splits(config, FLAGS.data_dir)
   trained = training.train_or_restore(config, FLAGS.workdir, splits,
                                       show_progress=FLAGS.progress)
@@ -30,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(main)

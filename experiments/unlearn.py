@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from absl import app
 from absl import flags
 import jax
 
 from experiments import common
 from experiments import training
+from experiments import validation
 from ounl_jax import data as data_lib
 from ounl_jax import service as service_lib
 from ounl_jax import unlearning
@@ -76,7 +76,7 @@ def settings_from_flags(method: str):
     if value is None:
       continue
     if field not in fields:
-      raise app.UsageError(f"--{flag} does not apply to --method={method}.")
+      raise common.UserError(f"--{flag} does not apply to --method={method}.")
     overrides[field] = value
   return dataclasses.replace(settings, **overrides)
 
@@ -94,9 +94,16 @@ def main(argv):
   del argv
   common.quiet_logs()
   config = common.train_config_from_flags()
-  spec = data_lib.get_spec(config.dataset)
-  class_a = data_lib.class_index(spec, FLAGS.unlearn_class or spec.class_a)
-  settings = settings_from_flags(FLAGS.method)
+  spec = validation.check_train(config)
+  class_a = validation.check_class("unlearn_class",
+                                   FLAGS.unlearn_class or spec.class_a, spec)
+  if not 0 < FLAGS.fraction <= 1:
+    raise common.UserError(f"--fraction={FLAGS.fraction}: must be in (0, 1].")
+  try:
+    settings = settings_from_flags(FLAGS.method)
+  except ValueError as error:
+    raise common.UserError(str(error)) from None
+  validation.check_workdir(FLAGS.workdir)
   splits = training.load_splits(config, FLAGS.data_dir)
   trained = training.train_or_restore(config, FLAGS.workdir, splits,
                                       show_progress=FLAGS.progress)
@@ -144,4 +151,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(main)

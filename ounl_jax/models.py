@@ -138,11 +138,22 @@ MODEL_NAMES = ("vgg3", "vgg4", "vgg5", "resnet")
 
 def _module(name: str, num_classes: int, width: int | None) -> nn.Module:
   if name.startswith("vgg"):
-    width = width or 128
+    width = 128 if width is None else width
     return VGG(num_blocks=int(name[3:]), num_classes=num_classes, width=width,
                dense_width=4 * width)
-  width = width or 64
+  width = 64 if width is None else width
   return ResNet(num_classes=num_classes, width=width, dense_width=2 * width)
+
+
+def check_model_name(name: str) -> str:
+  """The canonical model name; ValueError naming the closest choice otherwise."""
+  key = name.lower()
+  if key not in MODEL_NAMES:
+    close = difflib.get_close_matches(key, MODEL_NAMES, n=1)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    raise ValueError(f"Unknown model {name!r}.{hint} Choose one of: "
+                     f"{', '.join(MODEL_NAMES)} (e.g. --model=vgg3).")
+  return key
 
 
 def get_model(name: str, *, num_classes: int,
@@ -160,12 +171,9 @@ def get_model(name: str, *, num_classes: int,
   Raises:
     ValueError: unknown model name, naming the choices.
   """
-  key = name.lower()
-  if key not in MODEL_NAMES:
-    close = difflib.get_close_matches(key, MODEL_NAMES, n=1)
-    hint = f" Did you mean {close[0]}?" if close else ""
-    raise ValueError(f"Unknown model {name!r}.{hint} Choose one of: "
-                     f"{', '.join(MODEL_NAMES)} (e.g. --model=vgg3).")
+  key = check_model_name(name)
+  if width is not None and width < 1:
+    raise ValueError(f"width must be >= 1, got {width} (None: the paper's width).")
   module = _module(key, num_classes, width)
   input_shape = tuple(int(d) for d in input_shape)
 

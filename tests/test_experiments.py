@@ -140,3 +140,43 @@ def test_real_data_smoke_run_is_consistent_and_reproducible(tmp_path):
   assert (pushed["pushing_ii_l2"][ok] <= 20.0).all()
   # Same seed, fresh workdir: identical results apart from timings.
   assert strip_timings(runs[0]) == strip_timings(runs[1])
+
+
+@pytest.mark.parametrize("dataset,tables", [
+    ("cifar10", ("IV", "VII", "XI", "fig5", "fig8", "fig10")),
+    ("cifar100", ("VI",)),
+])
+def test_new_reproduce_grids_report_paper_beside_measured(mock_cifar10, capsys,
+                                                          dataset, tables):
+  workdir = mock_cifar10 / dataset
+  for table in tables:
+    parse(workdir, f"--table={table}", f"--dataset={dataset}",
+          "--max_iterations=10", "--iterations_per_chunk=10")
+    reproduce.main([])
+    report = (workdir / f"table_{table}" / "report.md").read_text()
+    points = [p for p, _, _ in reproduce.paper_tables.TABLES[table].grid()]
+    assert len(points) >= 2
+    for point in points:
+      assert f"| {point} |" in report, (table, point)
+    if table.startswith("fig8") or table == "fig10":
+      png = workdir / f"table_{table}" / f"{table}.png"
+      assert png.read_bytes()[:4] == b"\x89PNG"
+  if dataset == "cifar10":
+    iv = (workdir / "table_IV" / "report.md").read_text()
+    # Eq. 13 and the released regime side by side, with the paper's numbers.
+    assert "fraction_0.1_eq13 | 79.3" in iv and "fraction_0.1_released | 79.3" in iv
+    eq13 = json.loads((workdir / "table_IV" / "fraction_0.1_eq13" /
+                       "results.json").read_text())
+    released = json.loads((workdir / "table_IV" / "fraction_0.1_released" /
+                           "results.json").read_text())
+    # Both regimes unlearn the same pushed samples (one shared push).
+    assert eq13["submitted_ids"] == released["submitted_ids"]
+    assert released["attack"]["reused_saved_push"]
+    assert eq13["noise_term_share"] == 1.0
+
+
+def test_table_of_another_dataset_is_refused_before_any_work(mock_cifar10):
+  parse(mock_cifar10 / "run", "--table=VI", "--dataset=cifar10")
+  with pytest.raises(Exception, match="--dataset=cifar100"):
+    reproduce.main([])
+  assert not (mock_cifar10 / "run").exists()

@@ -1,0 +1,67 @@
+"""Bad flags fail before any data is read or model trained, with one clear line."""
+
+import os
+import subprocess
+import sys
+
+from absl import flags
+import pytest
+
+from experiments import common
+from experiments import pushing  # noqa: F401  (defines the pipeline's flags)
+from experiments import runner
+
+FLAGS = flags.FLAGS
+
+
+def run_with(tmp_path, *extra):
+  FLAGS.unparse_flags()
+  FLAGS(["test", "--scale=smoke", "--noprogress",
+         f"--data_dir={tmp_path / 'no_data_here'}", *extra])
+  return runner.run("pushing")
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--unlearn_class=plane", "Did you mean airplane"),
+    ("--fraction=-0.1", "must be in (0, 1]"),
+    ("--fraction=0", "must be in (0, 1]"),
+    ("--fraction=1.5", "must be in (0, 1]"),
+    ("--fraction=nan", "must be in (0, 1]"),
+    ("--tau=-1", "positive finite number"),
+    ("--epochs=0", "positive integer"),
+    ("--width=0", "positive integer"),
+    ("--batch_size=0", "positive integer"),
+    ("--max_l2=-1", "positive finite number"),
+    ("--max_iterations=0", "positive integer"),
+    ("--blend_ratio=2", "must be in (0, 1]"),
+    ("--target_class=airplane", "must differ from the unlearned class"),
+    ("--target_class=kat", "Did you mean cat"),
+    ("--dataset=mnist", "cifar10, cifar100, stl10"),
+    ("--model=vgg9", "Did you mean vgg5"),
+])
+def test_bad_flag_is_refused_before_any_work(tmp_path, flag, message):
+  workdir = tmp_path / "run"
+  with pytest.raises(common.UserError) as error:
+    # The data folder does not exist: reaching the data would raise another error.
+    run_with(tmp_path, f"--workdir={workdir}", flag)
+  text = str(error.value)
+  assert message in text and flag.split("=")[0] in text and "\n" not in text
+  assert not workdir.exists()
+
+
+def test_unwritable_workdir_is_refused_before_any_work(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  with pytest.raises(common.UserError, match="cannot write there"):
+    run_with(tmp_path, f"--workdir={blocker / 'run'}")
+
+
+def test_command_line_prints_one_line_and_exits_2(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.pushing", "--fraction=1.5",
+       f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+  assert out.returncode == 2
+  assert out.stderr.strip() == ("error: --fraction=1.5: must be in (0, 1] (the "
+                                "paper uses 0.1 and 0.5).")
+  assert not (tmp_path / "run").exists()
