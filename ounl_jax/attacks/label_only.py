@@ -1,0 +1,590 @@
+"""Label-only Pushing-I / Pushing-II: a decision-based attack on the oracle's labels.
+
+The paper pushes with ZOO, which needs class probabilities (Sec. III-C; docs/protocol.md
+§8). A service that answers labels only still leaks the decision boundary. This module
+pushes with HopSkipJump (HSJ; Chen, Jordan and Wainwright, IEEE S&P 2020, the L2
+version, with the constants of the authors' reference code), which reads nothing but
+the top class:
+
+1. **Start** (HSJ's initialisation by blending): for every sample x of class A, blend
+   ``x(a) = (1 - a) x + a s`` with ``C`` start images s (the user's own images of
+   another class, or of class B when targeted; or uniform noise) at ``G`` levels
+   ``a = k / G``; the adversarial blend nearest to x is the start point.
+2. **Boundary search** (HSJ's binary search): bisect the blend factor
+   on the segment from x to the adversarial point for ``T`` steps; the bracket
+   ``[lo, hi]`` has ``x(lo)`` non-adversarial and ``x(hi)`` adversarial.
+3. **Walk** (one HSJ iteration t): at the boundary point b = x(hi), estimate
+   the normal from ``B`` random unit directions u_b,
+   ``g = mean_b (phi_b - mean phi) u_b`` (HSJ's baseline-corrected Monte-Carlo
+   estimate; phi = +1 adversarial, -1 not), with probe radius
+   ``delta = gamma ||b - x|| / d`` (``0.1`` at t = 1), step
+   ``b + eps g / ||g||`` for ``eps = ||b - x|| / sqrt(t) * 2^-k``, k < K (HSJ's
+   geometric step sizes), and bisect each adversarial step back towards x.
+
+   Unlike HSJ, which takes the largest adversarial step, all K steps are bisected
+   in parallel and the nearest boundary point is kept if it is nearer than the
+   current one (a line search on the projected distance). With B directions in d
+   dimensions the estimate's cosine with the true normal is only about
+   ``sqrt(2B / (pi d))`` (0.3 for B = 32, d = 192), and the largest adversarial
+   step then often lands farther away after the projection; the line search makes
+   the distance non-increasing at K * T queries per iteration instead of T.
+
+**Pushing-I** is the inner end of the final bracket (the last point still labelled A;
+targeted: not labelled B, verified to be A), **Pushing-II** the outer end (the first
+point across; targeted: labelled B). The walk only accepts a nearer bracket, so the
+final bracket is the nearest found, and both ends come from one bisection.
+
+Query accounting is exact: ``1`` clean query per sample, ``C * G`` for the start,
+``T`` for the first bisection, ``B + K + K * T`` per walk iteration and, with
+``verify``, one query per found Pushing-I and Pushing-II image. Every image in a
+compiled call belongs to a live sample (finished samples are dropped between chunks
+on the host, never masked), so the oracle's count equals the sum of the per-sample
+counts.
+
+The attack sees only ``oracle.query``; with a probabilities oracle it takes the
+argmax, so its result is the same as with a labels oracle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ounl_jax import oracle as oracle_lib
+from ounl_jax.attacks import labels as labels_lib
+from ounl_jax.attacks import pushing
+
+STARTS = ("blend", "noise")
+PIXEL_MIN, PIXEL_MAX = -0.5, 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelOnlySettings:
+  """Settings of label-only pushing (HopSkipJump, L2).
+
+  Attributes:
+    target_class: class B (targeted pushing, start from the user's B images), or
+      None (untargeted: any class but A).
+    start: ``blend`` (blend with ``start_images`` the user holds) or ``noise``
+      (blend with uniform noise images).
+    start_candidates: C start images tried per sample.
+    blend_levels: G blend factors k / G, k = 1..G, per start image.
+    binary_search_steps: T bisection steps; None takes HSJ's threshold
+      ``theta = gamma / d^1.5``, i.e. ``ceil(log2(1 / theta))``.
+    max_iterations: walk iterations per sample.
+    directions: B random directions per normal estimate.
+    step_candidates: K geometric step sizes ``eps0 * 2^-k`` tried per iteration
+      (each is bisected; the nearest boundary point is kept).
+    gamma: HSJ's gamma (probe radius ``gamma * dist / d`` and the threshold).
+    iterations_per_chunk: walk iterations per compiled call; between calls the host
+      drops samples that stopped improving.
+    stop_tolerance: a sample stops when its best distance fell by less than this
+      fraction over a chunk (0 never stops early).
+    max_l2: the L2 bound on ``||x' - x||_2`` in [-0.5, 0.5] units (20; docs/protocol.md
+      §8.1).
+    label_mode: submitted label (``original``, ``prediction`` or ``target``;
+      docs/protocol.md §9).
+    verify: query both chosen images once more and require the expected class
+      (without it ``Pushed.predicted`` is -1 and the bisection's answers are
+      trusted).
+    sample_chunk_size: samples attacked together (bounds memory to
+      ``sample_chunk_size * B`` images per forward batch).
+    evaluation_batch_size: images per clean / verification query.
+  """
+
+  target_class: int | None = None
+  start: str = "blend"
+  start_candidates: int = 4
+  blend_levels: int = 8
+  binary_search_steps: int | None = None
+  max_iterations: int = 40
+  directions: int = 64
+  step_candidates: int = 4
+  gamma: float = 1.0
+  iterations_per_chunk: int = 10
+  stop_tolerance: float = 1e-3
+  max_l2: float = 20.0
+  label_mode: str = "original"
+  verify: bool = True
+  sample_chunk_size: int = 64
+  evaluation_batch_size: int = 256
+
+  def __post_init__(self):
+    if self.start not in STARTS:
+      raise ValueError(f"Unknown start {self.start!r}; choose one of {STARTS}.")
+    for name in ("start_candidates", "blend_levels", "directions", "step_candidates",
+                 "iterations_per_chunk", "sample_chunk_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"LabelOnlySettings.{name} must be >= 1, got "
+                         f"{getattr(self, name)}.")
+    if self.max_iterations < 0:
+      raise ValueError(f"max_iterations must be >= 0, got {self.max_iterations}.")
+    if self.binary_search_steps is not None and self.binary_search_steps < 1:
+      raise ValueError("binary_search_steps must be >= 1 or None, got "
+                       f"{self.binary_search_steps}.")
+    if self.gamma <= 0:
+      raise ValueError(f"gamma must be > 0, got {self.gamma}.")
+    labels_lib.check_label_mode(self.label_mode,
+                                has_target=self.target_class is not None)
+    if self.label_mode == "prediction" and not self.verify:
+      raise ValueError("label_mode='prediction' needs verify=True: the prediction "
+                       "is the verification query's answer.")
+
+  @property
+  def targeted(self) -> bool:
+    return self.target_class is not None
+
+  def search_steps(self, dim: int) -> int:
+    """T: the setting, or HSJ's ``ceil(log2(d^1.5 / gamma))`` (at least 1)."""
+    if self.binary_search_steps is not None:
+      return self.binary_search_steps
+    return max(1, math.ceil(math.log2(dim ** 1.5 / self.gamma)))
+
+  def start_queries(self) -> int:
+    """C * G images per sample to find a start point."""
+    return self.start_candidates * self.blend_levels
+
+  def iteration_queries(self, dim: int) -> int:
+    """B + K + K * T images per sample and walk iteration."""
+    return (self.directions + self.step_candidates
+            + self.step_candidates * self.search_steps(dim))
+
+
+class LabelOnlyState(NamedTuple):
+  """The walk of S samples (flattened images, d = H * W * C).
+
+  Attributes:
+    original: (S, d) the clean samples x.
+    original_class: (S,) class A.
+    target_class: (S,) class B (targeted) or class A (untargeted, unused).
+    sample_ids: (S,) the samples' indices in the request (seed the random draws).
+    inner, outer: (S, d) the current bracket's ends x(lo) and x(hi).
+    distance: (S,) ``||outer - original||``.
+    best_inner, best_outer, best_distance: the bracket with the smallest distance.
+    best_iteration: (S,) the walk iteration of the best bracket (0: the start).
+    iteration: (S,) walk iterations run.
+    queries: (S,) attack queries spent (start, bisections, walk).
+  """
+
+  original: jax.Array
+  original_class: jax.Array
+  target_class: jax.Array
+  sample_ids: jax.Array
+  inner: jax.Array
+  outer: jax.Array
+  distance: jax.Array
+  best_inner: jax.Array
+  best_outer: jax.Array
+  best_distance: jax.Array
+  best_iteration: jax.Array
+  iteration: jax.Array
+  queries: jax.Array
+
+
+def query_labels(oracle: oracle_lib.Oracle, oracle_state, flat_images, image_shape):
+  """The oracle's top class of (N, d) images: one counted query of N images."""
+  answers, oracle_state = oracle.query(
+      oracle_state, flat_images.reshape((-1,) + tuple(image_shape)))
+  if oracle.output != "labels":
+    answers = jnp.argmax(answers, -1)  # Decision-based: only the top class is used.
+  return answers.astype(jnp.int32), oracle_state
+
+
+def is_adversarial(predicted, original_class, target_class, *, targeted: bool):
+  """HSJ's phi > 0: labelled B (targeted) or a valid class other than A (-1, a
+  refused answer, is never adversarial)."""
+  if targeted:
+    return predicted == target_class
+  return (predicted != original_class) & (predicted >= 0)
+
+
+def _blend(original, other, factor):
+  """``(1 - a) x + a s`` per sample, clipped against float rounding."""
+  return jnp.clip((1.0 - factor[:, None]) * original + factor[:, None] * other,
+                  PIXEL_MIN, PIXEL_MAX)
+
+
+def binary_search(oracle, oracle_state, original, outer, original_class,
+                  target_class, *, steps: int, targeted: bool, image_shape):
+  """Bisects ``[x, outer]`` for ``steps`` steps (HSJ's binary search; one query each).
+
+  ``original`` must be non-adversarial and ``outer`` adversarial.
+
+  Returns:
+    ``(inner, outer, oracle_state)``: x(lo) (non-adversarial) and x(hi).
+  """
+  count = original.shape[0]
+
+  def bisect(_, carry):
+    low, high, state = carry
+    middle = 0.5 * (low + high)
+    labels, state = query_labels(oracle, state, _blend(original, outer, middle),
+                                 image_shape)
+    adversarial = is_adversarial(labels, original_class, target_class,
+                                 targeted=targeted)
+    return (jnp.where(adversarial, low, middle), jnp.where(adversarial, middle, high),
+            state)
+
+  low, high, oracle_state = jax.lax.fori_loop(
+      0, steps, bisect, (jnp.zeros((count,)), jnp.ones((count,)), oracle_state))
+  return _blend(original, outer, low), _blend(original, outer, high), oracle_state
+
+
+def draw_start_images(key, sample_ids, pool, *, settings: LabelOnlySettings, dim: int):
+  """(S, C, d) start images: the user's pool (blend) or uniform noise per sample.
+
+  Sample i takes pool images ``(i * C + c) mod M`` (blend), or noise drawn from
+  ``fold_in(key, i)`` (noise), so its start does not depend on its batch mates.
+  """
+  candidates = settings.start_candidates
+  if settings.start == "blend":
+    index = (sample_ids[:, None] * candidates + jnp.arange(candidates)) % pool.shape[0]
+    return pool[index]
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(sample_ids)
+  return jax.vmap(lambda k: jax.random.uniform(k, (candidates, dim),
+                                               minval=PIXEL_MIN,
+                                               maxval=PIXEL_MAX))(keys)
+
+
+def find_starts(oracle, oracle_state, original, original_class, target_class, starts,
+                *, settings: LabelOnlySettings, image_shape):
+  """The adversarial blend nearest to each sample (the start; C * G queries).
+
+  Returns:
+    ``(start (S, d), found (S,), oracle_state)``.
+  """
+  count, candidates, dim = starts.shape
+  levels = settings.blend_levels
+  factors = jnp.arange(1, levels + 1, dtype=jnp.float32) / levels
+  points = ((1.0 - factors[None, None, :, None]) * original[:, None, None, :]
+            + factors[None, None, :, None] * starts[:, :, None, :])
+  points = jnp.clip(points, PIXEL_MIN, PIXEL_MAX)
+  labels, oracle_state = query_labels(oracle, oracle_state,
+                                      points.reshape(-1, dim), image_shape)
+  labels = labels.reshape(count, candidates, levels)
+  adversarial = is_adversarial(labels, original_class[:, None, None],
+                               target_class[:, None, None],
+                               targeted=settings.targeted)
+  distance = (factors[None, None, :]
+              * jnp.linalg.norm(starts - original[:, None, :], axis=-1)[:, :, None])
+  distance = jnp.where(adversarial, distance, jnp.inf).reshape(count, -1)
+  best = jnp.argmin(distance, axis=-1)
+  start = points.reshape(count, candidates * levels, dim)[jnp.arange(count), best]
+  return start, jnp.isfinite(distance.min(-1)), oracle_state
+
+
+def label_only_init(oracle, oracle_state, original, original_class, target_class,
+                    sample_ids, start, *, settings: LabelOnlySettings, image_shape):
+  """The first bracket: bisect from x to its start point (T queries per sample)."""
+  dim = original.shape[1]
+  steps = settings.search_steps(dim)
+  inner, outer, oracle_state = binary_search(
+      oracle, oracle_state, original, start, original_class, target_class,
+      steps=steps, targeted=settings.targeted, image_shape=image_shape)
+  distance = jnp.linalg.norm(outer - original, axis=-1)
+  count = original.shape[0]
+  zeros = jnp.zeros((count,), jnp.int32)
+  state = LabelOnlyState(
+      original=original, original_class=original_class, target_class=target_class,
+      sample_ids=sample_ids, inner=inner, outer=outer, distance=distance,
+      best_inner=inner, best_outer=outer, best_distance=distance,
+      best_iteration=zeros, iteration=zeros,
+      queries=jnp.full((count,), settings.start_queries() + steps, jnp.int32))
+  return state, oracle_state
+
+
+def normal_probes(key, boundary, delta, *, directions: int):
+  """``B`` probes ``clip(b + delta u)`` and the effective unit steps (one sample)."""
+  units = jax.random.normal(key, (directions, boundary.shape[-1]))
+  units = units / jnp.linalg.norm(units, axis=-1, keepdims=True)
+  probes = jnp.clip(boundary + delta * units, PIXEL_MIN, PIXEL_MAX)
+  return probes, (probes - boundary) / delta
+
+
+def normal_from_signs(phi, units):
+  """``mean (phi - mean phi) u`` normalised; ``mean(phi) mean(u)`` if all agree."""
+  mean_phi = jnp.mean(phi)
+  agree = jnp.abs(mean_phi) == 1.0
+  centred = jnp.where(agree, phi, phi - mean_phi)
+  scale = jnp.where(agree, 1.0 / phi.shape[0], 1.0 / max(phi.shape[0] - 1, 1))
+  gradient = scale * jnp.sum(centred[:, None] * units, axis=0)
+  return gradient / jnp.maximum(jnp.linalg.norm(gradient), 1e-12)
+
+
+def label_only_step(state: LabelOnlyState, oracle_state, key, *, oracle,
+                    settings: LabelOnlySettings, image_shape):
+  """One HopSkipJump iteration of every sample (module doc, step 3).
+
+  Queries per sample: B (normal) + K (step sizes) + K * T (bisections), each group
+  one flat oracle call per round.
+  """
+  count, dim = state.original.shape
+  targeted = settings.targeted
+  t = (state.iteration + 1).astype(jnp.float32)
+  keys = jax.vmap(lambda i, it: jax.random.fold_in(jax.random.fold_in(key, i), it))(
+      state.sample_ids, state.iteration)
+  delta = jnp.where(t == 1, 0.1 * (PIXEL_MAX - PIXEL_MIN),
+                    settings.gamma * state.distance / dim)
+  probes, units = jax.vmap(functools.partial(
+      normal_probes, directions=settings.directions))(keys, state.outer, delta)
+  labels, oracle_state = query_labels(oracle, oracle_state, probes.reshape(-1, dim),
+                                      image_shape)
+  adversarial = is_adversarial(labels.reshape(count, -1),
+                               state.original_class[:, None],
+                               state.target_class[:, None], targeted=targeted)
+  normal = jax.vmap(normal_from_signs)(jnp.where(adversarial, 1.0, -1.0), units)
+
+  # HSJ's geometric step sizes, all K in one query.
+  sizes = (state.distance / jnp.sqrt(t))[:, None] * 2.0 ** -jnp.arange(
+      settings.step_candidates, dtype=jnp.float32)[None, :]
+  candidates = jnp.clip(state.outer[:, None, :] + sizes[..., None] * normal[:, None, :],
+                        PIXEL_MIN, PIXEL_MAX)
+  labels, oracle_state = query_labels(oracle, oracle_state,
+                                      candidates.reshape(-1, dim), image_shape)
+  adversarial = is_adversarial(labels.reshape(count, -1),
+                               state.original_class[:, None],
+                               state.target_class[:, None], targeted=targeted)
+  # Bisect every candidate towards x at once; keep the nearest boundary point.
+  steps = settings.search_steps(dim)
+  repeat = lambda a: jnp.repeat(a, settings.step_candidates, axis=0)
+  inner, outer, oracle_state = binary_search(
+      oracle, oracle_state, repeat(state.original), candidates.reshape(-1, dim),
+      repeat(state.original_class), repeat(state.target_class), steps=steps,
+      targeted=targeted, image_shape=image_shape)
+  distance = jnp.linalg.norm(outer.reshape(count, -1, dim)
+                             - state.original[:, None, :], axis=-1)
+  distance = jnp.where(adversarial, distance, jnp.inf)
+  nearest = jnp.argmin(distance, axis=-1)
+  rows = jnp.arange(count)
+  distance = distance[rows, nearest]
+  moved = distance < state.distance
+  keep = lambda new, old: jnp.where(moved[:, None], new, old)
+  inner = keep(inner.reshape(count, -1, dim)[rows, nearest], state.inner)
+  outer = keep(outer.reshape(count, -1, dim)[rows, nearest], state.outer)
+  distance = jnp.where(moved, distance, state.distance)
+  iteration = state.iteration + 1
+  better = distance < state.best_distance
+  pick = lambda new, old: jnp.where(better[:, None], new, old)
+  return state._replace(
+      inner=inner, outer=outer, distance=distance,
+      best_inner=pick(inner, state.best_inner),
+      best_outer=pick(outer, state.best_outer),
+      best_distance=jnp.where(better, distance, state.best_distance),
+      best_iteration=jnp.where(better, iteration, state.best_iteration),
+      iteration=iteration,
+      queries=state.queries + settings.iteration_queries(dim)), oracle_state
+
+
+def label_only_run_chunk(state, oracle_state, key, *, oracle, settings, image_shape,
+                         iterations: int):
+  """``iterations`` walk iterations of every sample (``lax.scan``)."""
+  def body(carry, _):
+    return label_only_step(*carry, key, oracle=oracle, settings=settings,
+                           image_shape=image_shape), None
+
+  (state, oracle_state), _ = jax.lax.scan(body, (state, oracle_state), None,
+                                          length=iterations)
+  return state, oracle_state
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(oracle, settings, image_shape):
+  """The jitted phases for one oracle and settings (cached)."""
+  statics = dict(oracle=oracle, settings=settings, image_shape=image_shape)
+  find = jax.jit(lambda *a: find_starts(oracle, *a, settings=settings,
+                                        image_shape=image_shape))
+  init = jax.jit(lambda *a: label_only_init(oracle, *a, settings=settings,
+                                            image_shape=image_shape))
+  chunk = jax.jit(functools.partial(label_only_run_chunk, **statics),
+                  static_argnames=("iterations",))
+  starts = jax.jit(functools.partial(draw_start_images, settings=settings,
+                                     dim=int(np.prod(image_shape))))
+  return find, init, chunk, starts
+
+
+def _static(oracle: oracle_lib.Oracle) -> oracle_lib.Oracle:
+  """The oracle without its server handle, when it has one (shared compilations:
+  the parameters travel in the ``OracleState``)."""
+  return oracle.static() if hasattr(oracle, "static") else oracle
+
+
+def _attack_group(oracle, oracle_state, images, labels, targets, ids, pool, key,
+                  settings, image_shape):
+  """Start, first bisection and walk of one group of samples (host loop)."""
+  find, init, chunk, starts_fn = _compiled(_static(oracle), settings, image_shape)
+  original = jnp.asarray(images.reshape(len(ids), -1))
+  ids_j = jnp.asarray(ids, jnp.int32)
+  starts = starts_fn(jax.random.fold_in(key, 0), ids_j, pool)
+  start, found, oracle_state = find(oracle_state, original, jnp.asarray(labels),
+                                    jnp.asarray(targets), starts)
+  oracle_lib.check_budget(oracle, oracle_state)
+  found = np.asarray(found)
+  dim = original.shape[1]
+  queries = np.full(len(ids), settings.start_queries(), np.int32)
+  rows = np.flatnonzero(found)
+  if len(rows) == 0:
+    return None, found, queries, rows, oracle_state
+  state, oracle_state = init(oracle_state, original[rows], jnp.asarray(labels[rows]),
+                             jnp.asarray(targets[rows]), ids_j[rows], start[rows])
+  oracle_lib.check_budget(oracle, oracle_state)
+  finished = []
+  live = np.arange(len(rows))
+  walk_key = jax.random.fold_in(key, 1)
+  while len(live):
+    done_iterations = int(np.asarray(state.iteration).max())
+    remaining = settings.max_iterations - done_iterations
+    if remaining <= 0:
+      break
+    before = np.asarray(state.best_distance)
+    state, oracle_state = chunk(state, oracle_state, walk_key,
+                                iterations=min(settings.iterations_per_chunk,
+                                               remaining))
+    oracle_lib.check_budget(oracle, oracle_state)
+    after = np.asarray(state.best_distance)
+    stalled = after > (1.0 - settings.stop_tolerance) * before
+    if stalled.any():
+      finished.append((live[stalled], _host_rows(state, stalled)))
+      keep = np.flatnonzero(~stalled)
+      live = live[keep]
+      state = jax.tree_util.tree_map(lambda a, keep=keep: a[keep], state)
+  if len(live):
+    finished.append((live, _host_rows(state, np.ones(len(live), bool))))
+  # Reassemble the walked samples in row order.
+  order = np.concatenate([index for index, _ in finished])
+  merged = jax.tree_util.tree_map(lambda *a: np.concatenate(a),
+                                  *[rows_state for _, rows_state in finished])
+  merged = jax.tree_util.tree_map(lambda a: a[np.argsort(order)], merged)
+  queries[rows] = merged.queries
+  return merged, found, queries, rows, oracle_state
+
+
+def _host_rows(state: LabelOnlyState, rows) -> LabelOnlyState:
+  return jax.tree_util.tree_map(lambda a: np.asarray(a)[rows], state)
+
+
+def label_only_push(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
+                    settings: LabelOnlySettings, *, start_images=None,
+                    oracle_state: oracle_lib.OracleState | None = None
+                    ) -> pushing.PushResult:
+  """Pushes the user's samples to the boundary with labels only (HopSkipJump).
+
+  Args:
+    oracle: the black-box service; only its top class is read (labels oracle).
+    images: (N, H, W, C) the user's samples in [-0.5, 0.5]; labels: (N,) class A.
+    key: typed PRNG key (noise starts and the walk's random directions).
+    settings: ``LabelOnlySettings``.
+    start_images: (M, H, W, C) images the user holds of another class (class B when
+      targeted), for ``start='blend'``.
+    oracle_state: the user's query count so far (default ``oracle.init()``).
+
+  Returns:
+    ``pushing.PushResult``: ``iterations`` are walk iterations, ``crossed`` marks
+    samples with a start point, ``Pushed.iteration`` the walk iteration of the
+    chosen bracket (0: the first bisection).
+
+  Example::
+
+    settings = LabelOnlySettings()
+    result = label_only_push(service.oracle(), x_u, y_u, jax.random.key(7),
+                             settings, start_images=x_other)
+    images, labels, index = result.pushing_ii.successful()
+  """
+  images = np.asarray(images, np.float32)
+  labels = np.asarray(labels, np.int32)
+  count = len(labels)
+  image_shape = tuple(images.shape[1:])
+  dim = int(np.prod(image_shape))
+  if settings.start == "blend":
+    if start_images is None or len(start_images) == 0:
+      raise ValueError("start='blend' needs start_images: images the user holds of "
+                       "another class (of class B when targeted).")
+    pool = jnp.asarray(np.asarray(start_images, np.float32).reshape(-1, dim))
+  else:
+    pool = jnp.zeros((1, dim), jnp.float32)
+  oracle_state = oracle.init() if oracle_state is None else oracle_state
+  first_query = int(oracle_state.queries)
+  predicted_before, oracle_state = labels_lib.oracle_predictions(
+      oracle, oracle_state, images, batch_size=settings.evaluation_batch_size)
+  start_status = np.full(count, "ok", dtype="<U16")
+  start_status[predicted_before != labels] = "misclassified"
+  targets = np.full(count, -1 if settings.target_class is None
+                    else settings.target_class, np.int32)
+  if settings.targeted:
+    is_target = (start_status == "ok") & (labels == settings.target_class)
+    start_status[is_target] = "is_target"
+  attacked = start_status == "ok"
+
+  inner = np.full((count, dim), np.nan, np.float32)
+  outer = np.full((count, dim), np.nan, np.float32)
+  iteration = np.full(count, -1, np.int32)
+  iterations = np.zeros(count, np.int32)
+  crossed = np.zeros(count, bool)
+  attack_queries = np.zeros(count, np.int32)
+  index = np.flatnonzero(attacked)
+  for begin in range(0, len(index), settings.sample_chunk_size):
+    group = index[begin:begin + settings.sample_chunk_size]
+    state, found, queries, rows, oracle_state = _attack_group(
+        oracle, oracle_state, images[group], labels[group], targets[group], group,
+        pool, key, settings, image_shape)
+    attack_queries[group] = queries
+    crossed[group] = found
+    if state is not None:
+      walked = group[rows]
+      inner[walked] = state.best_inner
+      outer[walked] = state.best_outer
+      iteration[walked] = state.best_iteration
+      iterations[walked] = state.iteration
+
+  evaluation_queries = np.ones(count, np.int32)
+  pushed = []
+  for chosen, within in ((inner, True), (outer, False)):
+    have = np.flatnonzero(crossed)
+    predicted = np.full(count, -1, np.int32)
+    if len(have):
+      if settings.verify:
+        predicted[have], oracle_state = labels_lib.oracle_predictions(
+            oracle, oracle_state, chosen[have].reshape((-1,) + image_shape),
+            batch_size=settings.evaluation_batch_size)
+        evaluation_queries[have] += 1
+    if not settings.verify:
+      verified = np.ones(count, bool)  # The bisection's own answers vouch for it.
+    elif within:
+      verified = predicted == labels
+    elif settings.targeted:
+      verified = predicted == settings.target_class
+    else:
+      verified = (predicted != labels) & (predicted >= 0)
+    l2 = np.linalg.norm(chosen - images.reshape(count, -1), axis=-1)
+    status = start_status.copy()
+    rules = [(~crossed, "no_crossing"), (~(l2 <= settings.max_l2), "l2_bound"),
+             (~verified, "verification")]
+    pending = status == "ok"
+    for failed, reason in rules:
+      status[pending & failed] = reason
+      pending &= ~failed
+    success = status == "ok"
+    submitted = labels_lib.submitted_labels(
+        settings.label_mode, original=labels, target=settings.target_class,
+        predicted=predicted)
+    pushed.append(pushing.Pushed(
+        images=np.where(success[:, None], chosen, np.nan).astype(
+            np.float32).reshape((-1,) + image_shape),
+        labels=np.where(success, submitted, -1).astype(np.int32),
+        l2=np.where(crossed, l2, np.nan).astype(np.float32),
+        predicted=predicted,
+        iteration=iteration, success=success, status=status))
+
+  return pushing.PushResult(
+      pushing_i=pushed[0], pushing_ii=pushed[1], original_labels=labels,
+      predicted_before=predicted_before, attacked=attacked, crossed=crossed,
+      iterations=iterations, attack_queries=attack_queries,
+      evaluation_queries=evaluation_queries,
+      queries=attack_queries + evaluation_queries,
+      oracle_queries=int(oracle_state.queries) - first_query,
+      oracle_state=oracle_state)

@@ -1,0 +1,250 @@
+"""Label-only (HopSkipJump) Pushing-I / Pushing-II (ounl_jax.attacks.label_only)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ounl_jax import models
+from ounl_jax import oracle as oracle_lib
+from ounl_jax import train as train_lib
+from ounl_jax.attacks import label_only
+
+SHAPE = (8, 8, 3)
+CLASSES = 4
+SETTINGS = label_only.LabelOnlySettings(max_iterations=12, directions=32,
+                                        iterations_per_chunk=4)
+
+
+def synthetic(count, seed):
+  """Class templates plus noise: a task a small MLP learns in a second."""
+  templates = np.asarray(jax.random.uniform(jax.random.key(1234),
+                                            (CLASSES,) + SHAPE, minval=-0.3,
+                                            maxval=0.3))
+  labels = np.arange(count) % CLASSES
+  noise = np.asarray(jax.random.normal(jax.random.key(seed), (count,) + SHAPE))
+  images = np.clip(templates[labels] + 0.12 * noise, -0.5, 0.5).astype(np.float32)
+  return images, labels.astype(np.int32)
+
+
+def mlp_model(hidden=32):
+  """A two-layer perceptron as a ``models.Model`` (head layers named as the VGG's)."""
+
+  def init(key):
+    k1, k2 = jax.random.split(key)
+    dim = int(np.prod(SHAPE))
+    return {"params": {
+        "head_dense": {"kernel": jax.random.normal(k1, (dim, hidden)) / dim ** 0.5,
+                       "bias": jnp.zeros((hidden,))},
+        "logits": {"kernel": jax.random.normal(k2, (hidden, CLASSES)) / hidden ** 0.5,
+                   "bias": jnp.zeros((CLASSES,))}}, "batch_stats": {}}
+
+  def apply(variables, x, *, train=False, rngs=None):
+    del rngs
+    p = variables["params"]
+    h = jax.nn.relu(x.reshape(x.shape[0], -1) @ p["head_dense"]["kernel"]
+                    + p["head_dense"]["bias"])
+    logits = h @ p["logits"]["kernel"] + p["logits"]["bias"]
+    return (logits, variables["batch_stats"]) if train else logits
+
+  return models.Model("mlp", init, apply, SHAPE, CLASSES)
+
+
+def train_tiny_model():
+  """The MLP trained full-batch on the synthetic task (about a second)."""
+  model = mlp_model()
+  images, labels = synthetic(1024, seed=1)
+  optimizer = optax.adam(1e-2)
+
+  @jax.jit
+  def fit(variables):
+    def step(carry, _):
+      params, opt_state = carry
+      loss = lambda p: train_lib.cross_entropy(
+          model.apply({"params": p, "batch_stats": {}}, images), labels).mean()
+      updates, opt_state = optimizer.update(jax.grad(loss)(params), opt_state)
+      return (optax.apply_updates(params, updates), opt_state), None
+    params = variables["params"]
+    (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None,
+                                  length=200)
+    return {"params": params, "batch_stats": {}}
+
+  return model, jax.tree_util.tree_map(np.asarray, fit(model.init(jax.random.key(0))))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  return train_tiny_model()
+
+
+def make_oracle(tiny_model, output="labels"):
+  model, variables = tiny_model
+  return oracle_lib.make_oracle(
+      lambda x: models.predict_probabilities(model, variables, x),
+      input_shape=SHAPE, num_classes=CLASSES, output=output)
+
+
+def user_data(tiny_model, class_a=0, count=8):
+  """Correctly classified class-A samples and the user's images of other classes."""
+  images, labels = synthetic(256, seed=7)
+  oracle = make_oracle(tiny_model)
+  predicted = np.asarray(oracle.query(oracle.init(), images)[0])
+  correct = predicted == labels
+  mine = np.flatnonzero((labels == class_a) & correct)[:count]
+  others = np.flatnonzero((labels != class_a) & correct)[:32]
+  assert len(mine) == count
+  return images[mine], labels[mine], images[others], labels[others]
+
+
+def fresh_labels(oracle, images):
+  return np.asarray(oracle.query(oracle.init(), images)[0])
+
+
+def test_untargeted_crosses_and_keeps(tiny_model):
+  oracle = make_oracle(tiny_model)
+  assert oracle.output == "labels"
+  images, labels, others, _ = user_data(tiny_model)
+  result = label_only.label_only_push(oracle, images, labels, jax.random.key(0),
+                                      SETTINGS, start_images=others)
+  first, second = result.pushing_i, result.pushing_ii
+  assert first.success.all() and second.success.all()
+  # Checked again through a fresh oracle: I is still A, II is across.
+  np.testing.assert_array_equal(fresh_labels(oracle, first.images), labels)
+  assert (fresh_labels(oracle, second.images) != labels).all()
+  # Both ends of one tight bisection bracket, within the bound and the pixel box.
+  l2 = np.linalg.norm((second.images - images).reshape(len(labels), -1), axis=1)
+  np.testing.assert_allclose(second.l2, l2, rtol=1e-4, atol=1e-5)
+  gap = np.linalg.norm((second.images - first.images).reshape(len(labels), -1), 1)
+  assert (gap < 1e-2 * second.l2 + 1e-4).all()
+  assert (second.l2 <= SETTINGS.max_l2).all()
+  assert (np.abs(second.images) <= 0.5).all() and (np.abs(first.images) <= 0.5).all()
+  np.testing.assert_array_equal(second.labels, labels)  # label_mode='original'
+
+
+def test_walk_shrinks_the_distance(tiny_model):
+  oracle = make_oracle(tiny_model)
+  images, labels, others, _ = user_data(tiny_model)
+  start_only = dataclasses.replace(SETTINGS, max_iterations=0)
+  before = label_only.label_only_push(oracle, images, labels, jax.random.key(0),
+                                      start_only, start_images=others)
+  after = label_only.label_only_push(oracle, images, labels, jax.random.key(0),
+                                     SETTINGS, start_images=others)
+  assert (before.iterations == 0).all() and (after.iterations > 0).all()
+  assert (after.pushing_ii.l2 <= before.pushing_ii.l2 + 1e-5).all()
+  assert np.median(after.pushing_ii.l2 / before.pushing_ii.l2) < 0.95
+
+
+def test_query_counts_are_exact(tiny_model):
+  oracle = make_oracle(tiny_model)
+  images, labels, others, _ = user_data(tiny_model)
+  labels = labels.copy()
+  labels[0] = 1  # Misclassified: one clean query only.
+  state0 = oracle.init()
+  result = label_only.label_only_push(oracle, images, labels, jax.random.key(0),
+                                      SETTINGS, start_images=others,
+                                      oracle_state=state0)
+  assert int(result.oracle_state.queries) == result.oracle_queries
+  assert result.oracle_queries == int(result.queries.sum())
+  assert result.queries[0] == 1 and result.attack_queries[0] == 0
+  assert result.pushing_ii.status[0] == "misclassified"
+  dim = int(np.prod(SHAPE))
+  walked = result.crossed
+  expected = (SETTINGS.start_queries() + SETTINGS.search_steps(dim)
+              + result.iterations * SETTINGS.iteration_queries(dim))
+  np.testing.assert_array_equal(result.attack_queries[walked], expected[walked])
+  np.testing.assert_array_equal(result.evaluation_queries[walked], 3)
+  # Samples that stalled stopped early (fewer iterations, fewer queries).
+  assert (result.iterations[walked] <= SETTINGS.max_iterations).all()
+
+
+def test_only_the_top_label_is_used(tiny_model):
+  """A probabilities oracle gives the very same push: only the argmax is read."""
+  images, labels, others, _ = user_data(tiny_model, count=4)
+  results = [label_only.label_only_push(make_oracle(tiny_model, output), images,
+                                        labels, jax.random.key(3), SETTINGS,
+                                        start_images=others)
+             for output in ("labels", "probabilities")]
+  for a, b in zip(results[0][:-1], results[1][:-1]):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_l2_bound_rejects_far_samples(tiny_model):
+  oracle = make_oracle(tiny_model)
+  images, labels, others, _ = user_data(tiny_model)
+  free = label_only.label_only_push(oracle, images, labels, jax.random.key(0),
+                                    SETTINGS, start_images=others)
+  bound = float(np.median(free.pushing_ii.l2))
+  settings = dataclasses.replace(SETTINGS, max_l2=bound)
+  result = label_only.label_only_push(oracle, images, labels, jax.random.key(0),
+                                      settings, start_images=others)
+  far = result.pushing_ii.l2 > bound
+  assert far.any() and not far.all()
+  assert (result.pushing_ii.status[far] == "l2_bound").all()
+  assert np.isnan(result.pushing_ii.images[far]).all()
+  assert (result.pushing_ii.labels[far] == -1).all()
+  assert result.pushing_ii.success[~far].all()
+
+
+def test_targeted_reaches_class_b(tiny_model):
+  oracle = make_oracle(tiny_model)
+  images, labels, others, other_labels = user_data(tiny_model)
+  target = 2
+  settings = dataclasses.replace(SETTINGS, target_class=target, label_mode="target")
+  result = label_only.label_only_push(oracle, images, labels, jax.random.key(0),
+                                      settings,
+                                      start_images=others[other_labels == target])
+  ok = result.pushing_ii.success
+  assert ok.all()
+  assert (fresh_labels(oracle, result.pushing_ii.images) == target).all()
+  assert (result.pushing_ii.labels == target).all()
+  ok_i = result.pushing_i.success
+  assert ok_i.any()
+  np.testing.assert_array_equal(fresh_labels(oracle, result.pushing_i.images[ok_i]),
+                                labels[ok_i])
+
+
+def test_noise_start_and_missing_start_images(tiny_model):
+  oracle = make_oracle(tiny_model)
+  images, labels, _, _ = user_data(tiny_model, count=4)
+  settings = dataclasses.replace(SETTINGS, start="noise", max_iterations=4)
+  result = label_only.label_only_push(oracle, images, labels, jax.random.key(0),
+                                      settings)
+  crossed = result.crossed
+  assert crossed.any()
+  assert (result.pushing_ii.status[~crossed] == "no_crossing").all()
+  ok = result.pushing_ii.success
+  assert (fresh_labels(oracle, result.pushing_ii.images[ok]) != labels[ok]).all()
+  with pytest.raises(ValueError, match="start_images"):
+    label_only.label_only_push(oracle, images, labels, jax.random.key(0), SETTINGS)
+
+
+def test_settings_are_checked():
+  with pytest.raises(ValueError, match="start"):
+    label_only.LabelOnlySettings(start="zeros")
+  with pytest.raises(ValueError, match="directions"):
+    label_only.LabelOnlySettings(directions=0)
+  with pytest.raises(ValueError, match="target"):
+    label_only.LabelOnlySettings(label_mode="target")
+  with pytest.raises(ValueError, match="verify"):
+    label_only.LabelOnlySettings(label_mode="prediction", verify=False)
+  # HSJ's bisection threshold theta = gamma / d^1.5: 18 steps for CIFAR.
+  assert label_only.LabelOnlySettings().search_steps(32 * 32 * 3) == 18
+
+
+def test_oracle_with_parameters_as_arguments(tiny_model):
+  """The parameterised oracle (parameters in the OracleState) works the same way."""
+  if not hasattr(oracle_lib, "Softmax"):
+    pytest.skip("This oracle has no parameterised form.")
+  model, variables = tiny_model
+  oracle = oracle_lib.make_oracle(oracle_lib.Softmax(model.apply), variables,
+                                  input_shape=SHAPE, num_classes=CLASSES,
+                                  output="labels")
+  images, labels, others, _ = user_data(tiny_model, count=4)
+  result = label_only.label_only_push(oracle, images, labels, jax.random.key(0),
+                                      SETTINGS, start_images=others)
+  assert result.pushing_ii.success.all()
+  assert result.oracle_queries == int(result.queries.sum())
+  assert (fresh_labels(oracle, result.pushing_ii.images) != labels).all()
