@@ -21,7 +21,7 @@ Models: ``--model_scale=cpu`` is the VGG-3 at width 16 (the ``cpu`` preset; 32 w
 seeded random init: throughput does not depend on training.
 
 Environment: on CPU, glibc's allocator page-faults on every large batch unless
-told otherwise (PROTOCOL 19). Run as
+told otherwise (docs/protocol.md §19). Run as
 
   MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=4294967296 \\
   MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=268435456 \\

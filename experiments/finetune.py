@@ -2,7 +2,7 @@
 
 ``python -m experiments.finetune`` is ``python -m experiments.pushing
 --unlearning=fine_tune``: the server relabels the submitted samples at random among
-the wrong classes and fine-tunes with SGD (PROTOCOL section 6).
+the wrong classes and fine-tunes with SGD (docs/protocol.md §6).
 """
 
 from experiments import common

@@ -2,7 +2,7 @@
 
 1. Train (or reuse) the server's model (``training.train_or_restore``).
 2. Select the malicious user's samples: a seeded ``fraction`` of class A's training
-   samples (PROTOCOL section 4), capped at ``max_samples`` at reduced scales.
+   samples (docs/protocol.md §4), capped at ``max_samples`` at reduced scales.
 3. Modify them through the black-box oracle only (pushing with ZOO, or blending).
 4. For every condition, a fresh server holding the clean model unlearns the submitted
    samples (same server key, so the same noise / relabelling) and is evaluated on its
@@ -94,7 +94,7 @@ def define_attack_flags() -> None:
   flags.DEFINE_enum("scope", None, ["head", "all"], "First-order parameter scope "
                     "(default head, as the released code).")
   flags.DEFINE_bool("reference_code", False, "Reproduce the released code's dropped "
-                    "noise term (PROTOCOL 5) instead of Eq. 13 as written.")
+                    "noise term (docs/protocol.md §5) instead of Eq. 13 as written.")
   flags.DEFINE_integer("reference_batch_size", None, "With --reference_code: the "
                        "gradient batch whose full batches lose the noise term "
                        "(released 256; smaller keeps the released share at "
@@ -113,7 +113,7 @@ def define_attack_flags() -> None:
                     "Pushing-II selection: first_crossing (paper) or smallest_l2 "
                     "(released code).")
   flags.DEFINE_enum("label_mode", "original", ["original", "prediction", "target"],
-                    "Submitted label of pushed samples (PROTOCOL 9; released "
+                    "Submitted label of pushed samples (docs/protocol.md §9; released "
                     "default original).")
   flags.DEFINE_float("max_l2", 20.0, "L2 bound on the pushing perturbation.")
   flags.DEFINE_string("blend_class", None, "Class B blended in (default: the "

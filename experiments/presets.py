@@ -5,7 +5,7 @@ always wins over the preset. Each experiment reads the keys it has flags for.
 
 * ``smoke``: seconds. Tiny width, a few hundred images: for tests and CI.
 * ``cpu``: minutes on a 2-core CPU. Reduced width and data, still real learning.
-* ``paper``: the paper's settings (App. B; PROTOCOL sections 2-8), for an accelerator.
+* ``paper``: the paper's settings (App. B; docs/protocol.md §2-§8), for an accelerator.
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@
 --fraction=0.1 --method=first_order --workdir=DIR [--scale=smoke|cpu|paper]``
 
 Reuses the model checkpointed in ``DIR`` (or trains it, as ``experiments.train``),
-selects a seeded ``fraction`` of class A's training samples (PROTOCOL section 4: 400 /
+selects a seeded ``fraction`` of class A's training samples (docs/protocol.md §4: 400 /
 2,000 CIFAR-10 airplanes for 10% / 50% at paper scale), submits them with their true
 labels to the unlearning service and writes ``DIR/unlearn_results.json``: overall,
 per-class and class-A test accuracy before and after, and class A's prediction
-histogram (PROTOCOL section 11), with config, seeds and run metadata.
+histogram (docs/protocol.md §11), with config, seeds and run metadata.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ flags.DEFINE_enum("scope", None, ["head", "all"],
 flags.DEFINE_enum("replacement", None, ["noise", "black", "white", "none"],
                   "first_order: irrelevant samples (noise).")
 flags.DEFINE_bool("reference_code", None, "first_order: reproduce the released "
-                  "code's dropped noise term on full gradient batches (PROTOCOL 5).")
+                  "code's dropped noise term on full gradient batches (docs/protocol.md §5).")
 flags.DEFINE_integer("reference_batch_size", None, "first_order with "
                      "--reference_code: the gradient batch (released 256).")
 flags.DEFINE_float("finetune_learning_rate", None, "fine_tune: SGD rate (0.01).")

@@ -1,6 +1,6 @@
 """Datasets of the paper (CIFAR-10, CIFAR-100, STL-10) through TFDS, in memory.
 
-Pixels are mapped to [-0.5, 0.5] as ``x / 255 - 0.5`` (PROTOCOL section 1), with no
+Pixels are mapped to [-0.5, 0.5] as ``x / 255 - 0.5`` (docs/protocol.md §1), with no
 mean/std normalisation and no augmentation. The paper's split (App. B): 80% of the
 official train split trains the model, 20% validates it (stratified, seeded). STL-10
 reports test accuracy on 1,000 seeded images of its 8,000 test images.
@@ -27,7 +27,7 @@ CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
 )
-# STL-10 in the order of its labels (PROTOCOL section 1).
+# STL-10 in the order of its labels (docs/protocol.md §1).
 STL10_CLASSES = (
     "airplane", "bird", "car", "cat", "deer",
     "dog", "horse", "monkey", "ship", "truck",
@@ -60,7 +60,7 @@ class DatasetSpec:
     tfds_name: the TFDS builder name.
     image_shape: (H, W, C) of one image.
     class_names: class names in label order.
-    learning_rate: Adam learning rate of the released code (PROTOCOL section 3:
+    learning_rate: Adam learning rate of the released code (docs/protocol.md §3:
       1e-3, but 1e-4 for CIFAR-100).
     test_subset: number of test images reported (STL-10: 1,000 of 8,000), or None.
     class_a: the paper's unlearned class (Sec. IV).
@@ -190,7 +190,7 @@ def require_prepared(spec: DatasetSpec, data_dir: str) -> str:
 
 
 def to_unit_range(images_uint8: np.ndarray) -> np.ndarray:
-  """Maps uint8 pixels to [-0.5, 0.5] as ``x / 255 - 0.5`` (PROTOCOL section 1)."""
+  """Maps uint8 pixels to [-0.5, 0.5] as ``x / 255 - 0.5`` (docs/protocol.md §1)."""
   return images_uint8.astype(np.float32) / 255.0 - 0.5
 
 
@@ -323,7 +323,7 @@ def per_class_subset(labels: np.ndarray, per_class: int, seed: int,
 def load(name: str, *, data_dir: str | None = None, seed: int = 0,
          valid_fraction: float = 0.2, max_train_per_class: int | None = None,
          max_test_per_class: int | None = None) -> Splits:
-  """Loads a dataset with the paper's splits (App. B, PROTOCOL section 1).
+  """Loads a dataset with the paper's splits (App. B, docs/protocol.md §1).
 
   Args:
     name: ``cifar10``, ``cifar100`` or ``stl10``.
@@ -383,7 +383,7 @@ def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 def select_unlearn_set(train: LabelledImages, class_a: int, fraction: float,
                        seed: int) -> LabelledImages:
-  """A seeded ``fraction`` of class A's training samples (PROTOCOL section 4).
+  """A seeded ``fraction`` of class A's training samples (docs/protocol.md §4).
 
   The count is ``int(len(train) / num_classes_present * fraction)`` in the released
   code; with a balanced split this is ``fraction`` of the class (400 / 2,000 of the

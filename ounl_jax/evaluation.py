@@ -1,4 +1,4 @@
-"""What the server measures on its own test set (PROTOCOL section 11).
+"""What the server measures on its own test set (docs/protocol.md §11).
 
 * overall accuracy, per-class accuracy, accuracy on class A (the Over-unlearning-I
   metric, Fig. 5) and on the other classes;

@@ -1,4 +1,4 @@
-"""The paper's models (App. B; PROTOCOL section 2), returning logits.
+"""The paper's models (App. B; docs/protocol.md §2), returning logits.
 
 The module system (Flax Linen) stays inside this file. Everything else sees a
 ``Model`` with ``init(key) -> variables`` and a pure
@@ -26,13 +26,13 @@ HE_UNIFORM = nn.initializers.variance_scaling(2.0, "fan_in", "uniform")
 GLOROT_UNIFORM = nn.initializers.glorot_uniform()
 HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
-# Dropout after VGG block k (PROTOCOL 2.1 gives 0.1/0.1/0.2 for three blocks; deeper
+# Dropout after VGG block k (docs/protocol.md §2.1 gives 0.1/0.1/0.2 for three blocks; deeper
 # blocks continue the progression).
 VGG_DROPOUT = (0.1, 0.1, 0.2, 0.2, 0.3)
 
 # The classifier head: the last dense layer, its BatchNorm and the output layer. This
 # is the "last 6 trainable tensors" that the released first-order update touches
-# (PROTOCOL section 5).
+# (docs/protocol.md §5).
 HEAD_LAYERS = ("head_dense", "head_bn", "logits")
 
 
@@ -42,7 +42,7 @@ def _batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
 
 
 class VGG(nn.Module):
-  """VGG with ``num_blocks`` blocks of two 3x3 convolutions (App. B, PROTOCOL 2.1)."""
+  """VGG with ``num_blocks`` blocks of two 3x3 convolutions (App. B, docs/protocol.md §2.1)."""
 
   num_blocks: int
   num_classes: int
@@ -88,11 +88,11 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-  """The paper's ResNet (App. B; PROTOCOL 2.3).
+  """The paper's ResNet (App. B; docs/protocol.md §2.3).
 
   Stem conv 64 -> BN -> ReLU, two residual blocks of 64, one of 128 with a 1x1
   stride-2 downsample (added, as in the released code), global average pooling, a
-  hidden dense layer (ReLU, not the released code's softmax, PROTOCOL 16.12), BN and
+  hidden dense layer (ReLU, not the released code's softmax, docs/protocol.md §16.12), BN and
   the output layer.
   """
 
@@ -202,8 +202,8 @@ def head_mask(params) -> Any:
   """A boolean pytree: True on the classifier head (``HEAD_LAYERS``).
 
   The head is the last dense layer, its BatchNorm scale/bias and the output layer,
-  i.e. the "last 6 trainable tensors" of the released first-order update (PROTOCOL
-  section 5).
+  i.e. the "last 6 trainable tensors" of the released first-order update
+  (docs/protocol.md §5).
   """
   return {k: jax.tree_util.tree_map(lambda _, k=k: k in HEAD_LAYERS, v)
           for k, v in params.items()}

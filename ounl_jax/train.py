@@ -1,6 +1,6 @@
 """Training the server's model: pure jitted steps, evaluation, early stopping.
 
-Protocol (App. B; PROTOCOL section 3): Adam with AMSGrad (beta 0.9/0.999, eps 1e-7),
+Protocol (App. B; docs/protocol.md §3): Adam with AMSGrad (beta 0.9/0.999, eps 1e-7),
 learning rate 1e-3 (1e-4 for CIFAR-100 in the released code), batch 64, categorical
 cross-entropy, no augmentation; training stops at the lowest validation loss and the
 best weights are restored.
@@ -38,7 +38,7 @@ class TrainState(NamedTuple):
 
 
 def amsgrad(learning_rate: float = 1e-3) -> optax.GradientTransformation:
-  """Keras ``Adam(amsgrad=True)`` defaults (PROTOCOL section 3)."""
+  """Keras ``Adam(amsgrad=True)`` defaults (docs/protocol.md §3)."""
   return optax.amsgrad(learning_rate, b1=0.9, b2=0.999, eps=1e-7)
 
 

@@ -1,4 +1,4 @@
-"""Blending (Sec. III-B, Eq. 1; PROTOCOL sections 9-10)."""
+"""Blending (Sec. III-B, Eq. 1; docs/protocol.md §9-§10)."""
 
 import jax
 import jax.numpy as jnp

@@ -28,7 +28,7 @@ def test_output_shape_logits(name, shape, classes):
 def test_vgg3_has_the_released_parameter_count():
   model = models.get_model("vgg3", num_classes=10)
   variables = jax.eval_shape(model.init, jax.random.key(0))
-  assert models.count_params(variables["params"]) == 1_798_282  # PROTOCOL 2.1
+  assert models.count_params(variables["params"]) == 1_798_282  # docs/protocol.md §2.1
 
 
 def test_head_is_the_last_six_tensors():

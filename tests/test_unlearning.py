@@ -156,7 +156,7 @@ def test_sum_is_n_times_mean_step(linear_setup):
 def test_replacement_weights_follow_the_released_code():
   weights = lambda n, ref: np.asarray(first_order.replacement_weights(
       n, replacement="noise", reference_code=ref))
-  # PROTOCOL section 5: 400 = 256 + 144, 2000 = 7 * 256 + 208.
+  # docs/protocol.md §5: 400 = 256 + 144, 2000 = 7 * 256 + 208.
   assert weights(400, True).sum() == 144 and weights(400, True)[:256].sum() == 0
   assert weights(2000, True).sum() == 208
   assert weights(200, True).sum() == 200 and weights(512, True).sum() == 0
@@ -423,7 +423,7 @@ def test_normal_unlearning_is_gentle_on_real_cifar10(trained_vgg):
   The fixture's model (width 16, 3 epochs, ~44% test accuracy) is far less trained
   than the paper's. On it the released tau=2e-4 with summed gradients takes ~29
   points off airplane (and ~37 off frog, through the noise term), so this test uses
-  Warnecke's CIFAR tau=2e-5 (PROTOCOL section 7); the other settings are the
+  Warnecke's CIFAR tau=2e-5 (docs/protocol.md §7); the other settings are the
   released code's. (On the cpu-scale model, 12 epochs, tau=2e-4 costs airplane 2.2
   points for 10%.)
   """

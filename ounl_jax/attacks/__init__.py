@@ -1,12 +1,12 @@
 """The malicious user's side (Sec. III): turn owned samples into an unlearning request
 that makes the server over-unlearn, with black-box access only (an ``Oracle``).
 
-* ``blending``: Sec. III-B, Eq. 1 (PROTOCOL section 10).
+* ``blending``: Sec. III-B, Eq. 1 (docs/protocol.md §10).
 * ``zoo``: the black-box Carlini-Wagner attack by zeroth-order optimisation
-  (Eq. 4-8; PROTOCOL sections 8 and 12).
+  (Eq. 4-8; docs/protocol.md §8 and §12).
 * ``pushing``: Pushing-I / Pushing-II from the ZOO trajectory (Sec. III-C;
-  PROTOCOL 8.2 and 16).
-* ``labels``: the submitted-label modes (PROTOCOL section 9).
+  docs/protocol.md §8.2 and §16).
+* ``labels``: the submitted-label modes (docs/protocol.md §9).
 """
 
 from ounl_jax.attacks.blending import BlendResult

@@ -1,4 +1,4 @@
-"""Blending, the naive over-unlearning attack (Sec. III-B, Eq. 1; PROTOCOL section 10).
+"""Blending, the naive over-unlearning attack (Sec. III-B, Eq. 1; docs/protocol.md §10).
 
 Each sample x of class A is mixed in pixel space with an image x_b of class B:
 
@@ -6,7 +6,7 @@ Each sample x of class A is mixed in pixel space with an image x_b of class B:
 
 The paper's tables and text give a **blending ratio** r in 0.1-0.5 with "higher
 ratio = more of class B", so r is the weight on x_b and Eq. 1's lambda is 1 - r
-(PROTOCOL 10 and 16.8): ``blend(x, x_b, 0) == x`` and ``blend(x, x_b, 1) == x_b``.
+(docs/protocol.md §10 and §16.8): ``blend(x, x_b, 0) == x`` and ``blend(x, x_b, 1) == x_b``.
 Blended images stay in [-0.5, 0.5] and are kept as floats (not re-quantised).
 
 The user cannot see the server's training data, so x_b is a seeded draw from a pool
@@ -71,7 +71,7 @@ def draw_class_b(key: jax.Array, pool_labels, class_b: int, count: int, *,
 
 @dataclasses.dataclass(frozen=True)
 class BlendSettings:
-  """Blending settings (PROTOCOL section 10).
+  """Blending settings (docs/protocol.md §10).
 
   Attributes:
     class_b: the class blended in (CIFAR-10: cat).

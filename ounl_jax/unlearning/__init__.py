@@ -4,8 +4,8 @@ Every method is a jitted pure function
 ``method(model, variables, images, labels, key, *, settings) -> new_variables`` with
 its settings in a frozen dataclass, chosen by name from ``METHODS``:
 
-* ``first_order``: Warnecke et al.'s update, Eq. 13 (PROTOCOL sections 5, 7);
-* ``fine_tune``: SGD on random wrong labels (App. C; PROTOCOL section 6);
+* ``first_order``: Warnecke et al.'s update, Eq. 13 (docs/protocol.md §5, 7);
+* ``fine_tune``: SGD on random wrong labels (App. C; docs/protocol.md §6);
 * ``gradient_ascent``: ascent on the submitted samples' loss ("NegGrad").
 
 Example::

@@ -1,7 +1,7 @@
-"""Fine-tune unlearning with random wrong labels (paper App. C; PROTOCOL section 6).
+"""Fine-tune unlearning with random wrong labels (paper App. C; docs/protocol.md §6).
 
 Each submitted sample is relabelled uniformly at random among the classes other than
-its submitted label (seeded; PROTOCOL section 4), then the model is trained on the
+its submitted label (seeded; docs/protocol.md §4), then the model is trained on the
 relabelled set with plain SGD (lr 0.01, no momentum), 1 epoch, batch 64, in training
 mode (dropout on, BatchNorm batch statistics, moving averages updated), all
 parameters. As in Keras ``fit``, the data is reshuffled every epoch and the last,
@@ -23,7 +23,7 @@ from ounl_jax import train as train_lib
 
 @dataclasses.dataclass(frozen=True)
 class FineTuneSettings:
-  """Settings of fine-tune unlearning (PROTOCOL section 6).
+  """Settings of fine-tune unlearning (docs/protocol.md §6).
 
   Attributes:
     learning_rate: SGD learning rate (released code 0.01).

@@ -5,17 +5,17 @@ The server overwrites the submitted samples Z with "irrelevant" replacements Z_h
   theta_u = theta - tau * d,   d = sum_i grad_theta [ L(z_hat_i) - L(z_i) ]   (Eq. 13)
 
 with z_i = (submitted image x_i, submitted label y_i) and z_hat_i = (replacement
-image, the same label y_i) (PROTOCOL section 5). The released code's settings are the
+image, the same label y_i) (docs/protocol.md §5). The released code's settings are the
 defaults: ``tau=2e-4``, one step, per-sample losses **summed** (so the step grows with
 the number of samples), only the classifier head updated (``models.head_mask``, "the
 last 6 trainable tensors"), BatchNorm in inference mode (running statistics used and
 left unchanged, dropout off) and one uniform-noise image replicated for every z_hat.
-Warnecke's own CIFAR setting is ``tau=2e-5`` (PROTOCOL section 7).
+Warnecke's own CIFAR setting is ``tau=2e-5`` (docs/protocol.md §7).
 
 ``reference_code=True`` reproduces what the released code computes rather than
 Eq. 13: its noise forward pass runs outside the gradient tape for every *full* batch
 of 256 samples, so L(z_hat) contributes only for the samples of the last, partial
-batch (PROTOCOL section 5 "Likely bug", section 16.2). For CIFAR-10 that leaves the
+batch (docs/protocol.md §5 "Likely bug", §16.2). For CIFAR-10 that leaves the
 noise term on 144 of 400 and 208 of 2,000 samples; with a multiple of 256 samples it
 is pure gradient ascent. The default (``False``) follows the paper's formula.
 ``reference_batch_size`` sets that gradient batch, so that the released share of
@@ -50,7 +50,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class FirstOrderSettings:
-  """Settings of the first-order update (PROTOCOL sections 5 and 7).
+  """Settings of the first-order update (docs/protocol.md §5 and §7).
 
   Attributes:
     tau: unlearning rate (released code 2e-4; Warnecke's CIFAR value 2e-5).
@@ -64,7 +64,7 @@ class FirstOrderSettings:
     shared_noise: one noise image replicated for every sample (the released code)
       instead of one image per sample (the paper's "images of random noise").
     reference_code: reproduce the released code's dropped noise term on full
-      gradient batches (PROTOCOL section 5) instead of Eq. 13 as written.
+      gradient batches (docs/protocol.md §5) instead of Eq. 13 as written.
     reference_batch_size: the released code's gradient batch (256): with
       ``reference_code``, samples in full batches of this size lose their noise
       term. Smaller values give the released share of noise terms at smaller N.
@@ -119,7 +119,7 @@ def distinct_replacements(key: jax.Array, images: jax.Array, *, replacement: str
 
 def replacement_images(key: jax.Array, images: jax.Array, *, replacement: str,
                        shared_noise: bool = True) -> jax.Array:
-  """The irrelevant images z_hat, one per submitted image (PROTOCOL section 5).
+  """The irrelevant images z_hat, one per submitted image (docs/protocol.md §5).
 
   Args:
     key: draws the noise (unused for the other replacements).
@@ -145,7 +145,7 @@ def replacement_weights(count: int, *, replacement: str, reference_code: bool,
   """Weight of each L(z_hat_i) in d: 1 in Eq. 13, 0 where the code drops it.
 
   With ``reference_code`` only the samples of the last, partial batch of
-  ``reference_batch_size`` keep their noise term (PROTOCOL section 5).
+  ``reference_batch_size`` keep their noise term (docs/protocol.md §5).
   """
   if replacement == "none":
     return jnp.zeros((count,), jnp.float32)
@@ -159,7 +159,7 @@ def noise_term_count(count: int, settings: FirstOrderSettings) -> int:
   """How many of ``count`` submitted samples keep their L(z_hat) term in d.
 
   All of them in Eq. 13; with ``reference_code`` only the last, partial gradient
-  batch: ``count mod reference_batch_size`` (PROTOCOL section 5).
+  batch: ``count mod reference_batch_size`` (docs/protocol.md §5).
   """
   if settings.replacement == "none":
     return 0

@@ -1,7 +1,7 @@
 """Gradient ascent on the submitted samples ("NegGrad"), a data-free baseline.
 
 theta_u = theta + tau * sum_i grad_theta L(z_i): Eq. 13 with no irrelevant samples
-Z_hat (the released code's ``unlearn_type=4``, PROTOCOL section 5), which is also
+Z_hat (the released code's ``unlearn_type=4``, docs/protocol.md §5), which is also
 what the released first-order code reduces to on full batches of 256 (section 5
 "Likely bug"). Like the first-order update it needs only the submitted data, runs
 BatchNorm in inference mode and by default uses the released code's tau, sum
