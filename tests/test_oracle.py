@@ -1,4 +1,5 @@
-"""The black-box oracle: exact counts under jit and scan, budget, no parameters."""
+"""The black-box oracle: exact counts under jit and scan, budget, parameters as jit
+arguments, input validation, masks."""
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +13,16 @@ NUM_CLASSES = 4
 WEIGHTS = np.asarray(jax.random.normal(jax.random.key(0), (12, NUM_CLASSES)))
 
 
+def linear_softmax(weights, images):
+  return jax.nn.softmax(images.reshape((images.shape[0], -1)) @ weights)
+
+
 def probabilities(images):
-  return jax.nn.softmax(images.reshape((images.shape[0], -1)) @ WEIGHTS)
+  return linear_softmax(WEIGHTS, images)
 
 
-def make(**kwargs):
-  return oracle_lib.make_oracle(probabilities, input_shape=SHAPE,
+def make(weights=WEIGHTS, **kwargs):
+  return oracle_lib.make_oracle(linear_softmax, weights, input_shape=SHAPE,
                                 num_classes=NUM_CLASSES, **kwargs)
 
 
@@ -106,13 +111,123 @@ def test_refused_labels_are_minus_one_under_jit():
 
 def test_oracle_exposes_no_parameters():
   oracle = make(budget=100)
-  leaves = jax.tree_util.tree_leaves(oracle)
-  assert not any(isinstance(leaf, (np.ndarray, jax.Array)) for leaf in leaves)
+  for view in (oracle, oracle.static()):
+    leaves = jax.tree_util.tree_leaves(view)
+    assert not any(isinstance(leaf, (np.ndarray, jax.Array)) for leaf in leaves)
   assert set(oracle._fields) == {"init", "query", "output", "budget",
                                  "input_shape", "num_classes"}
   state = oracle.init()
-  assert set(state._fields) == {"queries", "exceeded"}
-  assert all(np.shape(leaf) == () for leaf in jax.tree_util.tree_leaves(state))
+  assert set(state._fields) == {"queries", "exceeded", "server"}
+  assert np.shape(state.queries) == np.shape(state.exceeded) == ()
+  assert repr(state.server) == "ServerHandle(<opaque>)"
+  assert not [name for name in dir(state.server) if not name.startswith("_")]
+  with pytest.raises(RuntimeError, match="init"):
+    oracle.static().init()
+
+
+def test_parameters_are_jit_arguments_not_constants():
+  other_weights = np.asarray(jax.random.normal(jax.random.key(9), WEIGHTS.shape))
+  first, second = make(), make(other_weights)
+  assert first.static() == second.static()
+  assert hash(first.static()) == hash(second.static())
+  traced = []
+
+  def answer(oracle, state, x):
+    traced.append(1)  # Runs once per compilation.
+    return oracle.query(state, x)
+
+  query = jax.jit(answer, static_argnums=0)
+  x = images(5)
+  a, state_a = query(first.static(), first.init(), x)
+  b, state_b = query(second.static(), second.init(), x)
+  assert len(traced) == 1
+  assert query._cache_size() == 1  # pylint: disable=protected-access
+  np.testing.assert_allclose(a, linear_softmax(WEIGHTS, x), rtol=1e-6)
+  np.testing.assert_allclose(b, linear_softmax(other_weights, x), rtol=1e-6)
+  assert int(state_a.queries) == int(state_b.queries) == 5
+
+
+def test_legacy_closure_oracle_still_answers_and_counts():
+  oracle = oracle_lib.make_oracle(probabilities, input_shape=SHAPE,
+                                  num_classes=NUM_CLASSES)
+  x = images(4)
+  answers, state = oracle.query(oracle.init(), x)
+  np.testing.assert_allclose(answers, probabilities(x), rtol=1e-6)
+  answers, state = jax.jit(oracle.query)(state, x)
+  assert int(state.queries) == 8 and state.server is None
+
+
+@pytest.mark.parametrize("bad,message", [
+    (np.nan, "non-finite"), (np.inf, "non-finite"), (200.0, "x / 255 - 0.5"),
+    (0.5 + 1e-5, r"\[-0.5, 0.5\]"), (-0.6, r"\[-0.5, 0.5\]")])
+def test_invalid_pixels_are_refused_eagerly_and_not_counted(bad, message):
+  oracle = make()
+  x = np.array(images(3))
+  x[1, 0, 1, 2] = bad
+  _, state = oracle.query(oracle.init(), images(2))
+  with pytest.raises(ValueError, match=message):
+    oracle.query(state, x)
+  assert int(state.queries) == 2
+  # Within the float32 rounding tolerance of x / 255 - 0.5: accepted.
+  x[1, 0, 1, 2] = 0.5 + 5e-7
+  _, state = oracle.query(state, x)
+  assert int(state.queries) == 5
+
+
+def test_non_float_images_are_refused_even_under_jit():
+  oracle = make()
+  pixels = np.zeros((2,) + SHAPE, np.uint8)
+  with pytest.raises(ValueError, match="x.astype"):
+    oracle.query(oracle.init(), pixels)
+  with pytest.raises(ValueError, match="float"):
+    jax.jit(oracle.query)(oracle.init(), jnp.zeros((2,) + SHAPE, jnp.int32))
+
+
+@pytest.mark.parametrize("output,refused", [("probabilities", "nan"),
+                                            ("labels", -1)])
+def test_invalid_pixels_under_jit_are_unanswered_and_uncounted(output, refused):
+  oracle = make(output=output)
+  x = np.array(images(4))
+  x[0, 0, 0, 0] = np.nan
+  x[2] = x[2] * 255 + 127.5  # A 0..255 image.
+  answers, state = jax.jit(oracle.query)(oracle.init(), x)
+  answers = np.asarray(answers)
+  assert int(state.queries) == 2
+  good = np.array([False, True, False, True])
+  if refused == "nan":
+    assert np.isnan(answers[~good]).all() and np.isfinite(answers[good]).all()
+    np.testing.assert_allclose(answers[good], probabilities(x[good]), rtol=1e-6)
+  else:
+    assert (answers[~good] == -1).all()
+    np.testing.assert_array_equal(answers[good],
+                                  np.argmax(probabilities(x[good]), -1))
+
+
+def test_empty_query_answers_nothing_and_counts_zero():
+  for output, shape in (("probabilities", (0, NUM_CLASSES)), ("labels", (0,))):
+    oracle = make(output=output, budget=3)
+    empty = jnp.zeros((0,) + SHAPE)
+    answers, state = oracle.query(oracle.init(), empty)
+    assert answers.shape == shape and int(state.queries) == 0
+    answers, state = jax.jit(oracle.query)(state, empty)
+    assert answers.shape == shape and int(state.queries) == 0
+
+
+@pytest.mark.parametrize("jitted", [False, True])
+def test_mask_answers_and_counts_only_masked_in_images(jitted):
+  oracle = make(budget=4)
+  x = np.array(images(6))
+  x[5] = np.nan  # Masked out: neither validated nor answered.
+  mask = np.array([True, False, True, True, False, False])
+  query = jax.jit(oracle.query) if jitted else oracle.query
+  answers, state = query(oracle.init(), x, mask)
+  answers = np.asarray(answers)
+  assert int(state.queries) == 3 and not bool(state.exceeded)
+  assert np.isnan(answers[~mask]).all()
+  np.testing.assert_allclose(answers[mask], probabilities(x[mask]), rtol=1e-6)
+  # The budget counts masked-in images only: 3 + 1 fits, 3 + 2 does not.
+  _, fits = query(state, x, np.eye(6, dtype=bool)[0])
+  assert int(fits.queries) == 4
 
 
 def test_bad_arguments():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ounl_jax import oracle as oracle_lib
+from ounl_jax.attacks import labels as labels_lib
 from ounl_jax.attacks import pushing
 from ounl_jax.attacks import zoo
 
@@ -23,9 +24,13 @@ def predict(images):
   return jax.nn.softmax(jnp.asarray(images).reshape(images.shape[0], -1) @ WEIGHTS)
 
 
-def make_oracle(**kwargs):
-  return oracle_lib.make_oracle(predict, input_shape=SHAPE, num_classes=CLASSES,
-                                **kwargs)
+def linear_softmax(weights, images):
+  return jax.nn.softmax(images.reshape(images.shape[0], -1) @ weights)
+
+
+def make_oracle(weights=WEIGHTS, **kwargs):
+  return oracle_lib.make_oracle(linear_softmax, weights, input_shape=SHAPE,
+                                num_classes=CLASSES, **kwargs)
 
 
 ORACLE = make_oracle()
@@ -85,7 +90,27 @@ def test_query_accounting():
   np.testing.assert_array_equal(result.queries,
                                 result.attack_queries + result.evaluation_queries)
   assert result.oracle_queries == int(result.oracle_state.queries)
-  assert result.oracle_queries >= int(result.queries.sum())
+  # Finished and padding rows are not answered: the oracle's total is exact.
+  assert result.oracle_queries == int(result.queries.sum())
+
+
+def test_two_parameter_sets_share_one_compiled_chunk():
+  images, labels = samples(2)
+  settings = dataclasses.replace(UNTARGETED, zoo=dataclasses.replace(
+      ZOO, max_iterations=4, iterations_per_chunk=4, abort_early=False,
+      sample_chunk_size=2))
+  other = make_oracle(jax.random.normal(jax.random.key(7), (48, CLASSES)))
+  # pylint: disable=protected-access
+  caches = (zoo._run_chunk, labels_lib._jitted_query)
+  pushing.push(ORACLE, images, labels, jax.random.key(0), settings)
+  sizes = [f._cache_size() for f in caches]  # pylint: disable=protected-access
+  result = pushing.push(other, images, labels, jax.random.key(0), settings)
+  assert [f._cache_size() for f in caches] == sizes  # pylint: disable=protected-access
+  # The second push really ran on the other parameters.
+  np.testing.assert_array_equal(
+      result.predicted_before,
+      np.argmax(other.query(other.init(), images)[0], -1))
+  assert result.oracle_queries == int(result.queries.sum())
 
 
 def test_targeted_pushing_reaches_class_b():
@@ -176,10 +201,9 @@ def test_settings_are_checked():
 
 def vgg_oracle(trained_vgg):
   """The probabilities oracle over the session's trained VGG."""
-  from ounl_jax import models  # pylint: disable=g-import-not-at-top
   model, variables = trained_vgg.model, trained_vgg.variables
   return oracle_lib.make_oracle(
-      lambda x: models.predict_probabilities(model, variables, x),
+      oracle_lib.Softmax(model.apply), variables,
       input_shape=model.input_shape, num_classes=model.num_classes)
 
 
@@ -226,3 +250,36 @@ def test_vgg_trajectory_does_not_depend_on_batch_mates(trained_vgg):
 
   for a, b in zip(first_sample_with(1), first_sample_with(2)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_stop_at_margin_kappa():
+  images, labels = samples()
+  kappa = 0.3
+  settings = dataclasses.replace(
+      UNTARGETED, stop_margin=kappa,
+      zoo=dataclasses.replace(ZOO, kappa=2.0, abort_early=False,  # Push on past.
+                              iterations_per_chunk=400))  # One compilation.
+  result = pushing.push(ORACLE, images, labels, jax.random.key(0), settings)
+  paper = pushing.push(ORACLE, images, labels, jax.random.key(0),
+                       dataclasses.replace(UNTARGETED, zoo=settings.zoo))
+  check_pushed(result, images, labels)
+
+  def margins(x):
+    top = np.sort(np.asarray(predict(x)), -1)
+    return top[:, -1] - top[:, -2]
+
+  ok_i, ok_ii = result.pushing_i.success, result.pushing_ii.success
+  assert ok_i.sum() >= 4 and ok_ii.sum() >= 4
+  assert (margins(result.pushing_i.images[ok_i]) < kappa).all()
+  assert (margins(result.pushing_ii.images[ok_ii]) >= kappa).all()
+  # Pushing-I no later than x^(t-1); Pushing-II no earlier than x^(t), and ZOO
+  # ran past the first crossing to reach the margin on the other side.
+  assert (result.pushing_i.iteration <= paper.pushing_i.iteration).all()
+  later = result.pushing_ii.iteration >= paper.pushing_ii.iteration
+  assert later[ok_ii].all()
+  assert (result.pushing_ii.iteration > paper.pushing_ii.iteration).any()
+  assert (margins(paper.pushing_ii.images[paper.pushing_ii.success]) < kappa).any()
+  np.testing.assert_array_equal(result.iterations[ok_ii],
+                                result.pushing_ii.iteration[ok_ii] + 1)
+  with pytest.raises(ValueError, match="stop_margin"):
+    pushing.PushSettings(stop_margin=0.1, pushing_ii="smallest_l2")

@@ -1,4 +1,4 @@
-"""Labels the malicious user submits with a modified sample (PROTOCOL section 9).
+"""Labels the malicious user submits with a modified sample (docs/protocol.md §9).
 
 The released code's ``--label_mode``: 0 submits the **original** class A (its default,
 used for Pushing), 1 the **target** class, 2 the clean model's **prediction** on the
@@ -7,8 +7,6 @@ server's model", Sec. III-B).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import numpy as np
@@ -22,7 +20,7 @@ def check_label_mode(label_mode: str, *, has_target: bool = True) -> None:
   """Raises ``ValueError`` for an unknown mode, or ``target`` without a target."""
   if label_mode not in LABEL_MODES:
     raise ValueError(f"Unknown label mode {label_mode!r}; choose one of "
-                     f"{', '.join(LABEL_MODES)} (PROTOCOL section 9).")
+                     f"{', '.join(LABEL_MODES)} (docs/protocol.md §9).")
   if label_mode == "target" and not has_target:
     raise ValueError("label_mode='target' needs a target class (targeted pushing "
                      "or a blending class B); use 'original' or 'prediction'.")
@@ -31,7 +29,7 @@ def check_label_mode(label_mode: str, *, has_target: bool = True) -> None:
 def submitted_labels(label_mode: str, *, original: np.ndarray,
                      target: np.ndarray | int | None = None,
                      predicted: np.ndarray | None = None) -> np.ndarray:
-  """The labels submitted with the modified samples (PROTOCOL section 9).
+  """The labels submitted with the modified samples (docs/protocol.md §9).
 
   Args:
     label_mode: ``original`` (class A), ``target`` (class B) or ``prediction``
@@ -55,9 +53,13 @@ def submitted_labels(label_mode: str, *, original: np.ndarray,
   return np.asarray(predicted, np.int32).copy()
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_query(oracle: oracle_lib.Oracle):
-  return jax.jit(oracle.query)
+def _query(oracle: oracle_lib.Oracle, oracle_state, images):
+  return oracle.query(oracle_state, images)
+
+
+# One jitted query for every oracle over the same model (the parameters travel in
+# the OracleState; ``Oracle.static()`` holds none).
+_jitted_query = jax.jit(_query, static_argnums=0)
 
 
 def oracle_predictions(oracle: oracle_lib.Oracle,
@@ -74,10 +76,11 @@ def oracle_predictions(oracle: oracle_lib.Oracle,
     QueryBudgetExceeded: the oracle refused queries.
   """
   images = np.asarray(images, np.float32)
-  query = _jitted_query(oracle)
+  static = oracle.static()
   predicted = []
   for start in range(0, len(images), batch_size):
-    answers, oracle_state = query(oracle_state, images[start:start + batch_size])
+    answers, oracle_state = _jitted_query(static, oracle_state,
+                                          images[start:start + batch_size])
     oracle_lib.check_budget(oracle, oracle_state)
     answers = np.asarray(answers)
     predicted.append(answers if oracle.output == "labels" else answers.argmax(-1))

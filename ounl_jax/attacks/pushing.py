@@ -1,5 +1,5 @@
 """Pushing-I and Pushing-II: move the user's samples to the decision boundary
-(Sec. III-C; PROTOCOL 8.2 and 16).
+(Sec. III-C; docs/protocol.md §8.2 and §16).
 
 ZOO (``zoo.py``) produces a trajectory x^(0), x^(1), ... for every sample. With
 x^(t) the first iterate that crosses (leaves the original class A; targeted: reaches
@@ -17,11 +17,12 @@ class B) and x^(t-1) the iterate before it:
 
 Unlike the released code, a sample is a success only if it was pushed: the model
 classified it correctly at the start, the trajectory crossed, its L2 distance to the
-original is at most ``max_l2`` (20, [P] and PROTOCOL 8.1, for both methods; the
-released code filtered only Pushing-II), and, with ``verify``, a fresh query of the
-chosen image confirms its class (A for Pushing-I; not A, or B, for Pushing-II). A
-failed sample's image is NaN and its label -1: it cannot be submitted by mistake
-(the released code saved an arctanh-space image as a Pushing-I sample; PROTOCOL 8.2).
+original is at most ``max_l2`` (20, [P] and docs/protocol.md §8.1, for both
+methods; the released code filtered only Pushing-II), and, with ``verify``, a fresh
+query of the chosen image confirms its class (A for Pushing-I; not A, or B, for
+Pushing-II). A failed sample's image is NaN and its label -1: it cannot be submitted
+by mistake (the released code saved an arctanh-space image as a Pushing-I sample;
+docs/protocol.md §8.2).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ PUSHING_I = ("last", "largest_l2")
 PUSHING_II = ("first_crossing", "smallest_l2")
 # Why a sample is not a success (``Pushed.status``).
 STATUSES = ("ok", "misclassified", "is_target", "no_crossing", "crossed_at_start",
-            "l2_bound", "verification")
+            "l2_bound", "verification", "margin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,14 @@ class PushSettings:
       (the oracle's class for the pushed image) or ``target`` (class B).
     verify: query the chosen images once more and require the expected class.
     evaluation_batch_size: images per evaluation query.
+    stop_margin: kappa of the adaptive stop against a boundary-margin detector
+      (not in the paper; needs the default selections). With kappa > 0,
+      Pushing-I is the first iterate inside A whose oracle probability margin
+      (top-1 minus top-2) falls below kappa (x^(t-1) if the trajectory crossed
+      first), and Pushing-II the first crossing iterate whose margin is at least
+      kappa (ZOO runs on past the first crossing until it finds one; raise
+      ``zoo.kappa``, Eq. 5's confidence, so that it keeps pushing; status
+      ``margin`` if none is found). 0 (default) is the paper's x^(t-1) / x^(t).
   """
 
   zoo: zoo.ZooSettings = dataclasses.field(default_factory=zoo.ZooSettings)
@@ -69,6 +78,7 @@ class PushSettings:
   label_mode: str = "original"
   verify: bool = True
   evaluation_batch_size: int = 256
+  stop_margin: float = 0.0
 
   def __post_init__(self):
     if self.pushing_i not in PUSHING_I:
@@ -79,6 +89,10 @@ class PushSettings:
                        f"one of {PUSHING_II}.")
     labels_lib.check_label_mode(self.label_mode,
                                 has_target=self.target_class is not None)
+    if self.stop_margin > 0 and (self.pushing_i, self.pushing_ii) != (
+        "last", "first_crossing"):
+      raise ValueError("stop_margin > 0 needs pushing_i='last' and "
+                       "pushing_ii='first_crossing'.")
 
   @property
   def targeted(self) -> bool:
@@ -88,7 +102,8 @@ class PushSettings:
     """The ZOO settings a push runs with."""
     return dataclasses.replace(
         self.zoo, targeted=self.targeted,
-        stop_at_first_crossing=self.pushing_ii == "first_crossing")
+        stop_at_first_crossing=self.pushing_ii == "first_crossing",
+        stop_margin=self.stop_margin)
 
 
 class Pushed(NamedTuple):
@@ -132,8 +147,9 @@ class PushResult(NamedTuple):
     attack_queries: (N,) ZOO queries (iterations x (2B + 1)).
     evaluation_queries: (N,) clean and verification queries.
     queries: (N,) all queries spent on the sample.
-    oracle_queries: images the oracle answered in this push (includes the masked
-      rows of samples finished inside a chunk; ``zoo`` module doc).
+    oracle_queries: images the oracle answered in this push; equal to
+      ``queries.sum()`` (finished and padding rows are masked out, ``zoo``
+      module doc).
     oracle_state: the oracle state after the push.
   """
 
@@ -151,7 +167,15 @@ class PushResult(NamedTuple):
   oracle_state: oracle_lib.OracleState
 
 
-def _chosen(state: zoo.ZooState, selection: str) -> zoo.Iterate:
+def _chosen(state: zoo.ZooState, selection: str, stop_margin: float) -> zoo.Iterate:
+  if stop_margin > 0 and selection == "last":
+    found = state.near_within.iteration >= 0
+    return jax.tree_util.tree_map(
+        lambda near, last: np.where(
+            found.reshape(found.shape + (1,) * (near.ndim - 1)), near, last),
+        state.near_within, state.last_within)
+  if stop_margin > 0 and selection == "first_crossing":
+    return state.far_across
   return {"last": state.last_within, "largest_l2": state.farthest_within,
           "first_crossing": state.first_crossing,
           "smallest_l2": state.closest_crossing}[selection]
@@ -173,12 +197,14 @@ def _verify(oracle, oracle_state, iterate: zoo.Iterate, image_shape, settings):
 
 
 def _status(start_status, crossed, iterate: zoo.Iterate, verified_ok, max_l2,
-            *, within: bool) -> np.ndarray:
+            *, within: bool, margin: bool = False) -> np.ndarray:
   status = start_status.copy()
   pending = status == "ok"
   found = iterate.iteration >= 0
+  missing = ("crossed_at_start" if within else "margin" if margin
+             else "no_crossing")
   rules = [(np.logical_not(crossed), "no_crossing"),
-           (np.logical_not(found), "crossed_at_start" if within else "no_crossing"),
+           (np.logical_not(found), missing),
            (np.logical_not(iterate.l2 <= max_l2), "l2_bound"),
            (np.logical_not(verified_ok), "verification")]
   for failed, reason in rules:
@@ -252,7 +278,7 @@ def push(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
   pushed = []
   for selection, within in ((settings.pushing_i, True),
                             (settings.pushing_ii, False)):
-    iterate = _chosen(state, selection)
+    iterate = _chosen(state, selection, settings.stop_margin)
     predicted, oracle_state, verify_queries = _verify(
         oracle, oracle_state, iterate, image_shape, settings)
     evaluation_queries += verify_queries
@@ -263,7 +289,8 @@ def push(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
     else:
       verified_ok = (predicted != labels) & (predicted >= 0)
     status = _status(start_status, state.crossed, iterate, verified_ok,
-                     settings.max_l2, within=within)
+                     settings.max_l2, within=within,
+                     margin=settings.stop_margin > 0)
     pushed.append(_pushed(iterate, status, predicted, labels, settings, image_shape))
 
   attack_queries = state.queries.astype(np.int32)

@@ -1,6 +1,6 @@
 """Black-box Carlini-Wagner attack by zeroth-order optimisation (ZOO; Sec. III-C).
 
-The user only sees the oracle's class probabilities (PROTOCOL section 8.1). In the
+The user only sees the oracle's class probabilities (docs/protocol.md §8.1). In the
 tanh box ``x' = tanh(w + arctanh(1.999999 x)) / 2`` it minimises Eq. 4 with the
 log-probability margin of Eq. 6,
 
@@ -11,13 +11,14 @@ log-probability margin of Eq. 6,
 where ``x0 = tanh(arctanh(1.999999 x)) / 2`` as in the released code. Every iteration
 draws ``B`` coordinates without replacement (seeded per sample and iteration), queries
 ``2B + 1`` images (the iterate and ``w +- h e_j``) and estimates
-``g_j = (L(w + h e_j) - L(w - h e_j)) / 2h``; coordinate-wise ADAM with per-coordinate
-step counters updates those coordinates (PROTOCOL 8.1 and 12). The paper's own
+``g_j = (L(w + h e_j) - L(w - h e_j)) / 2h``; coordinate-wise ADAM with
+per-coordinate step counters updates those coordinates (docs/protocol.md §8.1 and
+§12). The paper's own
 Eq. 7-8 (forward difference ``(L(w + h e_j) - L(w)) / h``, ``B + 1`` queries, plain
 step ``w_j -= lr g_j``) are ``difference='forward', solver='descent'``.
 
-Numerics (PROTOCOL 19): the loss differences are formed without cancellation. The
-distance term differs between two probes only in coordinate j, so its difference is
+Numerics (docs/protocol.md §19): the loss differences are formed without
+cancellation. The distance term differs between two probes only in coordinate j, so its difference is
 ``d_j+^2 - d_j-^2``; the margin differences come from per-class log-ratios
 ``log(p_i / p0_i)`` against the iterate (``log1p`` of the exact float32 difference,
 and ``log p = log1p(-sum of the others)`` for a dominant class), so they are not
@@ -36,15 +37,24 @@ wait, shrinks the batch by powers of two (at most log2(slots) + 1 compilations).
 
 Finished samples (first crossing, early abort, maximum iterations) are masked: their
 state no longer changes and their queries are no longer counted in
-``ZooState.queries``, which is exact per sample. Their rows still travel in the
-fixed-shape batch until the current iteration chunk ends, and the oracle, which
-counts every image it answers, counts them too (``oracle_state.queries`` >=
-``sum(queries)``; equal while every sample is active).
+``ZooState.queries``, which is exact per sample. Their rows (and padding rows) still
+travel in the fixed-shape batch until the current iteration chunk ends, but the
+oracle call passes the per-image mask of active samples, so the oracle neither
+answers nor counts them: ``oracle_state.queries`` grows by exactly
+``sum(queries)``.
+
+Gradient estimators (``ZooSettings.estimator``): ``coordinates`` (default) is the
+released coordinate-wise ZOO above. ``directions`` (not in the paper or the released
+code; ``query_efficient_settings()``) estimates the whole gradient from q antithetic
+random directions per iteration, ``2q + 1`` queries, optionally drawn on a coarse
+grid and upsampled (ZOO's dimension reduction), and takes a full-vector ADAM step
+(``coordinate_adam`` on all d coordinates, which is plain ADAM). Everything else
+(loss, early abort, ADAM reset, Pushing-I/II bookkeeping, counting) is shared.
 
 Determinism: the same key gives bit-identical results. A sample's coordinate draws
 depend only on the key, its index and its iteration; with the same compiled batch
 size its trajectory does not depend on the other samples in the batch (tested), but
-the server's float32 answers can differ between batch sizes (PROTOCOL 19), so
+the server's float32 answers can differ between batch sizes (docs/protocol.md §19), so
 different ``sample_chunk_size`` values can give slightly different trajectories.
 """
 
@@ -62,13 +72,16 @@ from ounl_jax import oracle as oracle_lib
 
 SOLVERS = ("adam", "descent")
 DIFFERENCES = ("symmetric", "forward")
-# Added inside the logarithms, as in the released code (PROTOCOL 8.1).
+# ``coordinates``: the released ZOO; ``directions``: random-direction estimate.
+ESTIMATORS = ("coordinates", "directions")
+DISTRIBUTIONS = ("gaussian", "rademacher")
+# Added inside the logarithms, as in the released code (docs/protocol.md §8.1).
 TINY = 1e-30
 
 
 @dataclasses.dataclass(frozen=True)
 class ZooSettings:
-  """ZOO settings; the defaults are the released code's (PROTOCOL section 8.1).
+  """ZOO settings; the defaults are the released code's (docs/protocol.md §8.1).
 
   Attributes:
     targeted: move towards ``targets`` (Tables V-VI) instead of away from the
@@ -93,11 +106,24 @@ class ZooSettings:
       paper's Pushing-II); False runs plain ZOO (the released Pushing-II).
     iterations_per_chunk: iterations per compiled call. Between calls the host
       reports progress and drops finished samples; inside a call their rows keep
-      travelling (masked), so a shorter chunk wastes fewer oracle queries at the
-      price of more (cheap) host round trips. Never one per iteration.
+      travelling (masked out of the oracle's answers and counts), so a shorter
+      chunk wastes less server compute at the price of more (cheap) host round
+      trips. Never one per iteration.
     sample_chunk_size: samples attacked together; bounds memory to
       ``sample_chunk_size * (2B + 1)`` images per forward batch.
     tanh_scale: ``arctanh(tanh_scale * x)`` maps [-0.5, 0.5] into the box (1.999999).
+    estimator: ``coordinates`` (the released ZOO) or ``directions`` (random
+      directions; not the released attack, see ``query_efficient_settings``).
+    directions_per_iteration: q antithetic direction pairs (``directions`` only).
+    direction_distribution: ``gaussian`` or ``rademacher`` values.
+    direction_resolution: draw directions on an (r, r, C) grid upsampled to the
+      image (None: full resolution).
+    direction_h: the smoothing step s along a direction, in tanh space.
+    stop_margin: kappa of the adaptive stop (not in the paper): track the first
+      iterate inside A whose probability margin (top-1 minus top-2) falls below
+      kappa and the first crossing iterate whose margin is at least kappa; with
+      ``stop_at_first_crossing`` a sample stops at the latter instead of at the
+      first crossing. 0 (default) tracks nothing and changes nothing.
   """
 
   targeted: bool = False
@@ -120,6 +146,12 @@ class ZooSettings:
   iterations_per_chunk: int = 10
   sample_chunk_size: int = 64
   tanh_scale: float = 1.999999
+  estimator: str = "coordinates"
+  directions_per_iteration: int = 10
+  direction_distribution: str = "gaussian"
+  direction_resolution: int | None = None
+  direction_h: float = 1e-3
+  stop_margin: float = 0.0
 
   def __post_init__(self):
     if self.solver not in SOLVERS:
@@ -131,14 +163,45 @@ class ZooSettings:
                  "iterations_per_chunk", "sample_chunk_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"ZooSettings.{name} must be >= 1, got {getattr(self, name)}.")
-    if self.h <= 0:
-      raise ValueError(f"ZooSettings.h must be > 0, got {self.h}.")
+    if self.h <= 0 or self.direction_h <= 0:
+      raise ValueError(f"ZooSettings.h and direction_h must be > 0, got {self.h} "
+                       f"and {self.direction_h}.")
+    if not 0.0 <= self.stop_margin < 1.0:
+      raise ValueError(f"ZooSettings.stop_margin must be in [0, 1), got "
+                       f"{self.stop_margin}.")
+    if self.estimator not in ESTIMATORS:
+      raise ValueError(f"Unknown ZOO gradient estimator {self.estimator!r}; choose "
+                       f"one of {ESTIMATORS}.")
+    if self.direction_distribution not in DISTRIBUTIONS:
+      raise ValueError(f"Unknown direction distribution "
+                       f"{self.direction_distribution!r}; choose one of "
+                       f"{DISTRIBUTIONS}.")
+    if self.directions_per_iteration < 1 or (
+        self.direction_resolution is not None and self.direction_resolution < 1):
+      raise ValueError("ZooSettings.directions_per_iteration and "
+                       "direction_resolution must be >= 1.")
 
   @property
   def queries_per_iteration(self) -> int:
-    """2B + 1 (symmetric) or B + 1 (forward) images per sample and iteration."""
+    """Images per sample and iteration: 2B + 1 (symmetric) or B + 1 (forward)
+    coordinates, or 2q + 1 with random directions."""
+    if self.estimator == "directions":
+      return 2 * self.directions_per_iteration + 1
     probes = 2 if self.difference == "symmetric" else 1
     return probes * self.coordinates_per_iteration + 1
+
+
+def query_efficient_settings(**overrides) -> ZooSettings:
+  """ZOO with the random-direction estimator (not the released attack).
+
+  q = 10 antithetic Gaussian directions drawn on an 8 x 8 grid and upsampled
+  (21 queries per iteration instead of 257), smoothing 1e-2, full-vector ADAM with
+  step 0.01. Overrides are ``ZooSettings`` fields.
+  """
+  settings = dict(estimator="directions", directions_per_iteration=10,
+                  direction_resolution=8, direction_h=1e-2, learning_rate=0.01)
+  settings.update(overrides)
+  return ZooSettings(**settings)
 
 
 class CoordinateAdamState(NamedTuple):
@@ -183,6 +246,11 @@ class ZooState(NamedTuple):
       crossing (the released Pushing-I).
     first_crossing: the first crossing iterate (the paper's x^(t), Pushing-II).
     closest_crossing: the smallest-L2 crossing iterate (the released Pushing-II).
+    near_within: with ``stop_margin`` > 0, the first iterate predicted as A before
+      the first crossing whose probability margin (top-1 minus top-2) is below
+      ``stop_margin`` (empty otherwise).
+    far_across: with ``stop_margin`` > 0, the first crossing iterate whose
+      probability margin is at least ``stop_margin`` (empty otherwise).
   """
 
   original: jax.Array
@@ -203,6 +271,8 @@ class ZooState(NamedTuple):
   farthest_within: Iterate
   first_crossing: Iterate
   closest_crossing: Iterate
+  near_within: Iterate
+  far_across: Iterate
 
 
 def _empty_iterate(count: int, dim: int, l2: float) -> Iterate:
@@ -261,7 +331,9 @@ def zoo_init(images, labels, key: jax.Array, settings: ZooSettings, *,
       last_within=_empty_iterate(count, dim, -1.0),
       farthest_within=_empty_iterate(count, dim, -1.0),
       first_crossing=_empty_iterate(count, dim, jnp.inf),
-      closest_crossing=_empty_iterate(count, dim, jnp.inf))
+      closest_crossing=_empty_iterate(count, dim, jnp.inf),
+      near_within=_empty_iterate(count, dim, -1.0),
+      far_across=_empty_iterate(count, dim, jnp.inf))
 
 
 # ---------------------------------------------------------------------------------
@@ -270,7 +342,7 @@ def zoo_init(images, labels, key: jax.Array, settings: ZooSettings, *,
 
 
 def draw_coordinates(key: jax.Array, dim: int, count: int) -> jax.Array:
-  """``count`` distinct coordinates of ``dim``, uniformly (PROTOCOL 8.1)."""
+  """``count`` distinct coordinates of ``dim``, uniformly (docs/protocol.md §8.1)."""
   return jax.random.choice(key, dim, (count,), replace=False)
 
 
@@ -395,7 +467,7 @@ def coordinate_adam(modifier, adam: CoordinateAdamState, coordinates, gradient,
   ``m_j <- b1 m_j + (1 - b1) g_j``, ``v_j <- b2 v_j + (1 - b2) g_j^2``,
   ``t_j <- t_j + 1``,
   ``w_j <- w_j - lr sqrt(1 - b2^t_j) / (1 - b1^t_j) m_j / (sqrt(v_j) + eps)``
-  (the released ``coordinate_ADAM``; PROTOCOL 8.1).
+  (the released ``coordinate_ADAM``; docs/protocol.md §8.1).
 
   Returns:
     ``(modifier, adam)`` updated.
@@ -420,6 +492,71 @@ def coordinate_descent(modifier, adam: CoordinateAdamState, coordinates, gradien
 
 
 # ---------------------------------------------------------------------------------
+# One sample, random directions (``estimator='directions'``; not the released ZOO).
+# ---------------------------------------------------------------------------------
+
+
+def draw_directions(key: jax.Array, input_shape: tuple[int, ...],
+                    settings: ZooSettings) -> jax.Array:
+  """q random directions u_i (q, d): Gaussian or Rademacher per value.
+
+  With ``direction_resolution`` r they are drawn on an (r, r, C) grid and
+  upsampled bilinearly to (H, W, C): a low-frequency search space, like ZOO's
+  attack-space dimension reduction (``use_resize``, off in the released code;
+  docs/protocol.md §8.1 and §12).
+  """
+  height, width, channels = input_shape
+  q = settings.directions_per_iteration
+  r = settings.direction_resolution
+  shape = (q, height, width, channels) if r is None else (q, r, r, channels)
+  if settings.direction_distribution == "gaussian":
+    u = jax.random.normal(key, shape, jnp.float32)
+  else:
+    u = jax.random.rademacher(key, shape, jnp.float32)
+  if r is not None:
+    u = jax.image.resize(u, (q, height, width, channels), "linear")
+  return u.reshape(q, -1)
+
+
+def direction_probe_images(modifier, anchor, directions, settings: ZooSettings):
+  """The ``2q + 1`` images of one iteration: the iterate, then ``w + s u_i`` and
+  ``w - s u_i`` (antithetic pairs, s = ``direction_h``), each ``tanh(. + a) / 2``."""
+  moved = settings.direction_h * directions
+  tanh_space = jnp.concatenate([modifier[None], modifier + moved, modifier - moved])
+  return jnp.tanh(tanh_space + anchor) / 2
+
+
+def direction_gradient(probabilities, probes, anchor, directions, cls,
+                       settings: ZooSettings) -> ProbeLoss:
+  """Antithetic random-direction estimate of the gradient of Eq. 4 (NES / SPSA):
+
+    g = 1 / (2 s q) sum_i (L(w + s u_i) - L(w - s u_i)) u_i,
+
+  with the margin differences of Eq. 6 from per-class log-ratios against the
+  iterate (as ``coordinate_gradient``). Returns a ``ProbeLoss`` whose gradient is
+  over all d values.
+  """
+  q = directions.shape[0]
+  start = jnp.tanh(anchor) / 2
+  centre = probes[0]
+  p0 = probabilities[0]
+  logp0 = log_probabilities(p0)
+  m0 = margin(logp0, cls, settings.targeted)
+  f0 = jnp.maximum(m0, -settings.kappa)
+  loss = jnp.sum(jnp.square(centre - start)) + settings.c * f0
+  dm = _margin_changes(logp0, _log_ratios(probabilities[1:], p0), cls,
+                       settings.targeted)
+  unclipped = (m0 > -settings.kappa) & (m0 + dm > -settings.kappa)
+  df = jnp.where(unclipped, dm, jnp.maximum(m0 + dm, -settings.kappa) - f0)
+  plus, minus = probes[1:q + 1] - start, probes[q + 1:] - start
+  # ||x+ - x0||^2 - ||x- - x0||^2 = sum (x+ - x-)(x+ + x- - 2 x0), no cancellation.
+  distance = jnp.sum((plus - minus) * (plus + minus), -1)
+  change = distance + settings.c * (df[:q] - df[q:])
+  gradient = (change / (2 * settings.direction_h * q)) @ directions
+  return ProbeLoss(gradient, loss, f0, m0, jnp.argmax(p0).astype(jnp.int32))
+
+
+# ---------------------------------------------------------------------------------
 # All samples: one iteration, a chunk of iterations, the host loop.
 # ---------------------------------------------------------------------------------
 
@@ -435,9 +572,19 @@ def _remember(iterate: Iterate, mask, image, l2, predicted, iteration) -> Iterat
   return _where(mask, Iterate(image, l2, predicted, iteration), iterate)
 
 
+def probability_margin(probabilities):
+  """Top-1 minus top-2 probability of each answer (.., K) (the adaptive stop)."""
+  top = jax.lax.top_k(probabilities, 2)[0]
+  return top[..., 0] - top[..., 1]
+
+
 def _track(state: ZooState, active, centre, probe: ProbeLoss,
-           settings: ZooSettings) -> ZooState:
-  """Trajectory bookkeeping on the queried iterate x^(k) (PROTOCOL 8.2)."""
+           settings: ZooSettings, probabilities=None) -> ZooState:
+  """Trajectory bookkeeping on the queried iterate x^(k) (docs/protocol.md §8.2).
+
+  With ``stop_margin`` > 0 also the adaptive-stop iterates (``ZooState`` doc),
+  from the iterate's ``probabilities`` (S, K).
+  """
   l2 = jnp.sqrt(jnp.sum(jnp.square(centre - state.original), -1))
   predicted = probe.predicted
   within = predicted == state.original_class
@@ -447,6 +594,14 @@ def _track(state: ZooState, active, centre, probe: ProbeLoss,
   k = state.iterations
   remember = functools.partial(_remember, image=centre, l2=l2,
                                predicted=predicted, iteration=k)
+  if settings.stop_margin > 0:
+    near = probability_margin(probabilities) < settings.stop_margin
+    state = state._replace(
+        near_within=remember(state.near_within, before & within & near
+                             & (state.near_within.iteration < 0)),
+        far_across=remember(state.far_across, active & crossing
+                            & jnp.logical_not(near)
+                            & (state.far_across.iteration < 0)))
   return state._replace(
       crossed=state.crossed | (active & crossing),
       last_within=remember(state.last_within, before & within),
@@ -472,17 +627,30 @@ def zoo_step(state: ZooState, oracle_state: oracle_lib.OracleState, *,
   count, dim = state.modifier.shape
   active = jnp.logical_not(state.done)
   keys = jax.vmap(jax.random.fold_in)(state.keys, state.iterations)
-  coordinates = jax.vmap(functools.partial(
-      draw_coordinates, dim=dim, count=settings.coordinates_per_iteration))(keys)
-  probes, probe_values = jax.vmap(functools.partial(
-      probe_images, settings=settings))(state.modifier, state.anchor, coordinates)
+  if settings.estimator == "directions":
+    directions = jax.vmap(functools.partial(
+        draw_directions, input_shape=oracle.input_shape, settings=settings))(keys)
+    probes = jax.vmap(functools.partial(direction_probe_images, settings=settings))(
+        state.modifier, state.anchor, directions)
+    coordinates = jnp.broadcast_to(jnp.arange(dim), (count, dim))
+  else:
+    coordinates = jax.vmap(functools.partial(
+        draw_coordinates, dim=dim, count=settings.coordinates_per_iteration))(keys)
+    probes, probe_values = jax.vmap(functools.partial(
+        probe_images, settings=settings))(state.modifier, state.anchor, coordinates)
   per_sample = settings.queries_per_iteration
+  # Only active samples' probes are answered and counted (docs/protocol.md §19).
   answers, oracle_state = oracle.query(
-      oracle_state, probes.reshape((count * per_sample,) + oracle.input_shape))
+      oracle_state, probes.reshape((count * per_sample,) + oracle.input_shape),
+      jnp.repeat(active, per_sample))
   answers = answers.reshape(count, per_sample, -1)
-  probe = jax.vmap(functools.partial(coordinate_gradient, settings=settings))(
-      answers, state.modifier, state.anchor, coordinates, probe_values,
-      state.target_class)
+  if settings.estimator == "directions":
+    probe = jax.vmap(functools.partial(direction_gradient, settings=settings))(
+        answers, probes, state.anchor, directions, state.target_class)
+  else:
+    probe = jax.vmap(functools.partial(coordinate_gradient, settings=settings))(
+        answers, state.modifier, state.anchor, coordinates, probe_values,
+        state.target_class)
 
   update = coordinate_adam if settings.solver == "adam" else coordinate_descent
   modifier, adam = jax.vmap(functools.partial(update, settings=settings))(
@@ -496,12 +664,14 @@ def zoo_step(state: ZooState, oracle_state: oracle_lib.OracleState, *,
                          succeeded=state.succeeded | first_success)
 
   centre = probes[:, 0]
-  state = _track(state, active, centre, probe, settings)
+  state = _track(state, active, centre, probe, settings, answers[:, 0])
   k = state.iterations
   check = active & (k % settings.early_abort_every == 0) & settings.abort_early
   aborted = check & (probe.loss > state.previous_loss * settings.early_abort_tolerance)
   finished = aborted | (k + 1 >= settings.max_iterations)
-  if settings.stop_at_first_crossing:
+  if settings.stop_at_first_crossing and settings.stop_margin > 0:
+    finished = finished | (state.far_across.iteration >= 0)
+  elif settings.stop_at_first_crossing:
     finished = finished | state.crossed
   return state._replace(
       iterations=k + active,
@@ -530,10 +700,18 @@ def zoo_run_chunk(state: ZooState, oracle_state: oracle_lib.OracleState, *,
   return state, oracle_state
 
 
-@functools.lru_cache(maxsize=8)
+# One jitted chunk for every oracle: the oracle is static without its server (its
+# parameters travel in the OracleState), so oracles over the same model share it.
+_run_chunk = jax.jit(zoo_run_chunk, static_argnames=("oracle", "settings"))
+
+
 def compiled_chunk(oracle: oracle_lib.Oracle, settings: ZooSettings):
-  """``zoo_run_chunk`` jitted for one oracle and settings (cached)."""
-  return jax.jit(functools.partial(zoo_run_chunk, oracle=oracle, settings=settings))
+  """``run(state, oracle_state)``: ``zoo_run_chunk`` jitted for these settings.
+
+  Two oracles built by ``make_oracle(apply, parameters)`` with the same ``apply``
+  share one compilation per batch shape; the parameters are jit arguments.
+  """
+  return functools.partial(_run_chunk, oracle=oracle.static(), settings=settings)
 
 
 class ZooProgress(NamedTuple):
@@ -589,7 +767,7 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
   waits, shrinks the batch to ``batch_size_for(live)`` (padding rows are done and
   never update). A sample's coordinate draws depend only on ``key``, its index and
   its iteration, never on its slot; its float32 answers may still depend on the
-  batch size the server evaluates it in (PROTOCOL 19).
+  batch size the server evaluates it in (docs/protocol.md §19).
 
   Args:
     oracle: the black-box service (probabilities).
