@@ -7,6 +7,7 @@ early-stopped model, ``train_metrics.json`` the history and final accuracies.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from typing import Any, NamedTuple
@@ -54,6 +55,36 @@ def split_report(trained_eval, split: data_lib.LabelledImages,
           "per_class_accuracy": dict(zip(spec.class_names, per_class.tolist()))}
 
 
+def data_fingerprint(splits: data_lib.Splits) -> str:
+  """A content hash of the data a model is trained and evaluated on."""
+  digest = hashlib.sha256()
+  for split in splits:
+    for array in split:
+      digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def check_data_identity(workdir: str, config: common.TrainConfig,
+                        splits: data_lib.Splits) -> None:
+  """Records the data a workdir was made with; refuses other data later.
+
+  A workdir's model, pushes and results depend on the exact images: rerunning it
+  on another copy of the data (another TFDS_DATA_DIR) would mix the two.
+  """
+  path = os.path.join(workdir, "data_fingerprint.json")
+  found = {"dataset": config.dataset, "fingerprint": data_fingerprint(splits),
+           "splits": data_lib.describe(splits)}
+  if os.path.exists(path):
+    saved = common.read_json(path)
+    if saved != common.to_jsonable(found):
+      raise common.UserError(
+          f"{workdir} was made with other {config.dataset} data ({saved}) than "
+          f"this run reads ({found}): TFDS_DATA_DIR or --data_dir points at "
+          "another copy. Use another --workdir, or the data it was made with.")
+  else:
+    common.write_json(path, found)
+
+
 def _checkpoint_tree(state, best_variables, stopping, epoch) -> dict:
   return {"state": state, "best_variables": best_variables,
           "best_loss": np.float32(stopping.best_loss),
@@ -73,6 +104,7 @@ def train_or_restore(config: common.TrainConfig, workdir: str,
   """
   spec = data_lib.get_spec(config.dataset)
   model = build_model(config)
+  check_data_identity(workdir, config, splits)
   metrics_path = os.path.join(workdir, "train_metrics.json")
   model_dir = os.path.join(workdir, "checkpoints", "model")
   epoch_dir = os.path.join(workdir, "checkpoints", "train")
@@ -81,7 +113,7 @@ def train_or_restore(config: common.TrainConfig, workdir: str,
   if os.path.exists(metrics_path):
     saved = common.read_json(metrics_path)
     if saved.get("config", {}).get("train") != common.to_jsonable(config.to_dict()):
-      raise ValueError(
+      raise common.UserError(
           f"{workdir!r} holds a model trained with another configuration "
           f"({saved.get('config', {}).get('train')}); this run asks for "
           f"{config.to_dict()}. Use another --workdir, or the same flags.")
@@ -98,9 +130,12 @@ def train_or_restore(config: common.TrainConfig, workdir: str,
   history: list[dict] = []
   start_epoch = 0
   history_path = os.path.join(workdir, "train_history.json")
-  resumed = checkpoint.restore_latest(
+  resumed = checkpoint.restore_newest_intact(
       epoch_dir, _checkpoint_tree(state, best_variables, stopping, 0))
   if resumed is not None:
+    for skipped in resumed.skipped:
+      print(f"checkpoint {skipped.step} is corrupt ({skipped.reason}); resuming "
+            f"from {resumed.step}", flush=True)
     tree = resumed[1]
     state, best_variables = tree["state"], tree["best_variables"]
     stopping = train_lib.EarlyStoppingState(

@@ -15,15 +15,21 @@ server's own test set with ``evaluate`` (PROTOCOL section 11).
 changed only by ``unlearn``) and a request counter that derives each request's key.
 All the maths lives in the pure functions of ``unlearning``, ``evaluation`` and the
 validation functions below. A malformed request raises ``InvalidRequestError`` and
-leaves the model untouched.
+leaves the model untouched: more images than ``RequestLimits.max_request_images``
+(checked before any copy, so it bounds the memory a request can take), non-float
+images (send float32 ``x / 255 - 0.5``), and, by default, an unlearning request that
+holds the same image twice. Defences (``ounl_jax.defences``, paper Sec. VII) plug in
+as ``screens`` run before the update and a utility ``guard`` run on the tentative
+update; a refusal raises ``RequestRefused`` naming the screen and why.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +40,8 @@ from ounl_jax import evaluation
 from ounl_jax import models
 from ounl_jax import oracle as oracle_lib
 from ounl_jax import unlearning
+from ounl_jax.defences import screening as screening_lib
+from ounl_jax.defences import utility as utility_lib
 
 PIXEL_MIN, PIXEL_MAX = -0.5, 0.5
 # Float slack on the pixel range (tanh and blending round at the last bit).
@@ -43,6 +51,27 @@ PREDICT_BATCH_SIZE = 500
 
 class InvalidRequestError(ValueError):
   """A prediction or unlearning request the server refuses; nothing changed."""
+
+
+class RequestRefused(InvalidRequestError):
+  """A well-formed request that a defence refused; nothing changed.
+
+  Attributes:
+    screen: the name of the screen that refused (the first that flagged, in the
+      order given to the service), or ``"utility_guard"``.
+    flagged: indices (into the request) of the samples that screen flagged; empty
+      for the utility guard, which judges the request as a whole.
+    outcomes: every screen's ``ScreenOutcome`` on the request.
+    verdict: the utility guard's ``GuardVerdict`` when it refused, else None.
+  """
+
+  def __init__(self, message: str, *, screen: str, flagged=(), outcomes=(),
+               verdict=None):
+    super().__init__(message)
+    self.screen = screen
+    self.flagged = tuple(flagged)
+    self.outcomes = tuple(outcomes)
+    self.verdict = verdict
 
 
 class UnlearningDiverged(RuntimeError):
@@ -66,6 +95,10 @@ class Receipt:
     num_samples: how many samples were unlearned.
     seconds: wall time of the update (compilation included).
     settings: the method's settings.
+    screening: one summary per screen (name, threshold, flagged count/indices).
+    dropped: request indices left out because a screen flagged them (only with
+      ``on_flagged='drop'``).
+    guard: the utility guard's summary when the service has one.
   """
 
   request_number: int
@@ -73,15 +106,85 @@ class Receipt:
   num_samples: int
   seconds: float
   settings: dict
+  screening: tuple = ()
+  dropped: tuple = ()
+  guard: dict | None = None
 
 
-def validate_images(images, input_shape: tuple[int, ...]) -> np.ndarray:
-  """Float32 images (N, *input_shape) in [-0.5, 0.5], or ``InvalidRequestError``."""
-  images = np.asarray(images)
-  if images.dtype == object or not (np.issubdtype(images.dtype, np.floating)
-                                    or np.issubdtype(images.dtype, np.integer)):
+DEFAULT_MAX_REQUEST_IMAGES = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+  """What the server accepts in one request (checked before any array is copied).
+
+  Attributes:
+    max_request_images: most images in one ``predict`` or ``unlearn`` call. It
+      bounds the server's memory per request: the validated float32 copy takes
+      ``max_request_images * H * W * C * 4`` bytes, 123 MB at the default 10,000
+      CIFAR images (32 x 32 x 3), plus the same again for the method's batch.
+    allow_duplicates: accept an unlearning request holding the same image twice.
+      Off by default: the data-free methods (paper Eq. 13's sum over the request)
+      weight every copy, so 50 copies of one image move the model 50 times as far
+      as the image once, and one training sample cannot be unlearned twice.
+  """
+
+  max_request_images: int = DEFAULT_MAX_REQUEST_IMAGES
+  allow_duplicates: bool = False
+
+  def __post_init__(self):
+    if self.max_request_images < 1:
+      raise ValueError(f"max_request_images must be >= 1, got "
+                       f"{self.max_request_images}.")
+
+
+def _count(images) -> int:
+  """The number of images, read without converting (copying) the array."""
+  shape = getattr(images, "shape", None)
+  if shape is not None:
+    return int(shape[0]) if len(shape) else 0
+  try:
+    return len(images)
+  except TypeError as error:
+    raise InvalidRequestError(
+        f"Images must be an array (N, H, W, C), got {type(images).__name__}."
+    ) from error
+
+
+def check_request_size(images, limits: RequestLimits) -> None:
+  """Refuses more than ``limits.max_request_images`` images, before any copy."""
+  count = _count(images)
+  if count > limits.max_request_images:
+    raise InvalidRequestError(
+        f"Request of {count} images exceeds this server's limit of "
+        f"{limits.max_request_images} images per request; split it into several "
+        "requests.")
+
+
+def validate_images(images, input_shape: tuple[int, ...],
+                    limits: RequestLimits = RequestLimits()) -> np.ndarray:
+  """Float32 images (N, *input_shape) in [-0.5, 0.5], or ``InvalidRequestError``.
+
+  The size is checked first (``limits``), then the dtype: only floating-point
+  images are accepted, since integer pixels (uint8 0..255) are ambiguous (an
+  all-zero uint8 image would otherwise pass as mid-grey).
+  """
+  check_request_size(images, limits)
+  dtype = getattr(images, "dtype", None)
+  if dtype is None:  # A list or tuple: count checked, so the copy is bounded.
+    images = np.asarray(images)
+    dtype = images.dtype
+  dtype = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
+  if dtype == object or not (np.issubdtype(dtype, np.floating)
+                             or np.issubdtype(dtype, np.integer)
+                             or dtype == bool):
     raise InvalidRequestError(f"Images must be a numeric array, got dtype "
-                              f"{images.dtype}.")
+                              f"{dtype}.")
+  if not np.issubdtype(dtype, np.floating):
+    raise InvalidRequestError(
+        f"Images must be floating point in [{PIXEL_MIN}, {PIXEL_MAX}], got dtype "
+        f"{dtype}. Send float32 pixels mapped as x / 255 - 0.5 (uint8 x).")
+  images = np.asarray(images)
   expected = tuple(input_shape)
   if images.ndim != len(expected) + 1 or images.shape[1:] != expected:
     raise InvalidRequestError(
@@ -100,7 +203,19 @@ def validate_images(images, input_shape: tuple[int, ...]) -> np.ndarray:
     raise InvalidRequestError(
         f"Pixels must lie in [{PIXEL_MIN}, {PIXEL_MAX}]; got [{low:.4g}, "
         f"{high:.4g}].{hint}")
-  return np.clip(images, PIXEL_MIN, PIXEL_MAX)
+  # + 0.0 turns -0.0 into 0.0, so equal images have equal bytes (duplicates).
+  return np.clip(images, PIXEL_MIN, PIXEL_MAX) + np.float32(0.0)
+
+
+def duplicate_groups(images: np.ndarray) -> list[list[int]]:
+  """Indices of bit-identical images, one list per image that occurs twice or more.
+
+  Compares the float32 bytes (via a sha256 per image, so memory stays O(N)).
+  """
+  seen: dict[bytes, list[int]] = {}
+  for index, image in enumerate(np.ascontiguousarray(images, np.float32)):
+    seen.setdefault(hashlib.sha256(image.tobytes()).digest(), []).append(index)
+  return [group for group in seen.values() if len(group) > 1]
 
 
 def validate_labels(labels, count: int, num_classes: int) -> np.ndarray:
@@ -121,13 +236,15 @@ def validate_labels(labels, count: int, num_classes: int) -> np.ndarray:
   return labels.astype(np.int32)
 
 
-def validate_request(request, *, input_shape: tuple[int, ...],
-                     num_classes: int) -> UnlearningRequest:
+def validate_request(request, *, input_shape: tuple[int, ...], num_classes: int,
+                     limits: RequestLimits = RequestLimits()) -> UnlearningRequest:
   """The request with checked, normalised images and labels.
 
   Raises:
-    InvalidRequestError: not an (images, labels) pair, empty, wrong shape, NaN or
-      out-of-range pixels, labels of the wrong shape, type or range.
+    InvalidRequestError: not an (images, labels) pair, more images than
+      ``limits.max_request_images``, non-float images, empty, wrong shape, NaN or
+      out-of-range pixels, duplicate images (unless ``limits.allow_duplicates``),
+      labels of the wrong shape, type or range.
   """
   try:
     images, labels = request
@@ -135,9 +252,18 @@ def validate_request(request, *, input_shape: tuple[int, ...],
     raise InvalidRequestError(
         "An unlearning request is a pair (images, labels), e.g. "
         "UnlearningRequest(images, labels).") from error
-  images = validate_images(images, input_shape)
-  return UnlearningRequest(images, validate_labels(labels, len(images),
-                                                   num_classes))
+  images = validate_images(images, input_shape, limits)
+  labels = validate_labels(labels, len(images), num_classes)
+  if not limits.allow_duplicates:
+    groups = duplicate_groups(images)
+    if groups:
+      extra = sum(len(g) - 1 for g in groups)
+      raise InvalidRequestError(
+          f"The request holds {extra} duplicate images ({len(groups)} images "
+          f"sent more than once, e.g. indices {groups[0][:5]}). Each sample can "
+          "be unlearned once: send every image once. (A server that must accept "
+          "repeats sets RequestLimits(allow_duplicates=True).)")
+  return UnlearningRequest(images, labels)
 
 
 @functools.lru_cache(maxsize=16)
@@ -159,6 +285,17 @@ def predict_probabilities(model: models.Model, variables, images: np.ndarray, *,
     chunk = np.pad(chunk, ((0, pad),) + ((0, 0),) * (chunk.ndim - 1))
     answers.append(np.asarray(fn(variables, chunk))[:size - pad])
   return np.concatenate(answers)
+
+
+def fingerprint(variables) -> str:
+  """sha256 over every leaf's path, dtype, shape and bytes: equal = bit-identical."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    leaf = np.asarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|"
+                  .encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
 
 
 def _all_finite(variables) -> bool:
@@ -190,7 +327,11 @@ class UnlearningService:
 
   def __init__(self, model: models.Model, variables, test_set: data_lib.LabelledImages,
                *, key: jax.Array, method: str = "first_order",
-               settings: Any = None, output: str = "probabilities"):
+               settings: Any = None, output: str = "probabilities",
+               limits: RequestLimits = RequestLimits(),
+               screens: Sequence[screening_lib.Screen] = (),
+               on_flagged: str = "refuse",
+               guard: utility_lib.UtilityGuard | None = None):
     """Builds the server.
 
     Args:
@@ -201,7 +342,21 @@ class UnlearningService:
       method: ``first_order`` (default), ``fine_tune`` or ``gradient_ascent``.
       settings: the method's settings; None takes the released code's defaults.
       output: ``probabilities`` (the paper's API) or ``labels``.
+      limits: request size and duplicate policy (``RequestLimits``).
+      screens: defences run on every unlearning request before any update
+        (``ounl_jax.defences``, paper Sec. VII), in order.
+      on_flagged: what a request with some flagged samples gets: ``refuse``
+        (default) refuses the whole request, since an attacker can pad a malicious
+        request with honest samples and the user can resubmit the rest once told
+        which were flagged; ``drop`` unlearns the unflagged samples only and lists
+        the dropped ones in the receipt (a request with every sample flagged is
+        refused).
+      guard: a fitted ``defences.utility.UtilityGuard``: the update is made
+        tentatively and kept only if held-out accuracy stays within its bounds.
     """
+    if on_flagged not in screening_lib.PARTIAL_POLICIES:
+      raise ValueError(f"Unknown on_flagged {on_flagged!r}; choose one of "
+                       f"{screening_lib.PARTIAL_POLICIES}.")
     if output not in oracle_lib.OUTPUTS:
       raise ValueError(f"Unknown output {output!r}; choose one of "
                        f"{oracle_lib.OUTPUTS}.")
@@ -217,6 +372,10 @@ class UnlearningService:
     self._test_set = test_set
     self._key = key
     self._output = output
+    self._limits = limits
+    self._screens = tuple(screens)
+    self._on_flagged = on_flagged
+    self._guard = guard
     self._requests = 0
     self._clean_predictions = None
 
@@ -227,6 +386,10 @@ class UnlearningService:
   @property
   def settings(self) -> Any:
     return self._settings
+
+  @property
+  def limits(self) -> RequestLimits:
+    return self._limits
 
   @property
   def input_shape(self) -> tuple[int, ...]:
@@ -240,13 +403,19 @@ class UnlearningService:
   def requests_served(self) -> int:
     return self._requests
 
+  def model_fingerprint(self) -> str:
+    """``fingerprint`` of the current parameters (the operator's audit: a refused
+    request leaves it unchanged; the parameters themselves stay private)."""
+    return fingerprint(self._variables)
+
   def predict(self, images) -> np.ndarray:
     """Probabilities (N, K), or labels (N,) when built with ``output='labels'``.
 
     Raises:
-      InvalidRequestError: empty, wrong shape, NaN or out-of-range pixels.
+      InvalidRequestError: too many images, non-float, empty, wrong shape, NaN or
+        out-of-range pixels.
     """
-    images = validate_images(images, self.input_shape)
+    images = validate_images(images, self.input_shape, self._limits)
     probabilities = predict_probabilities(self._model, self._variables, images)
     if self._output == "labels":
       return np.argmax(probabilities, -1).astype(np.int32)
@@ -263,10 +432,18 @@ class UnlearningService:
 
     Raises:
       InvalidRequestError: a malformed request (the model is unchanged).
+      RequestRefused: a screen flagged samples (policy ``on_flagged``) or the
+        utility guard saw accuracy fall too far (the model is unchanged).
       UnlearningDiverged: the update gave non-finite parameters (unchanged too).
     """
     request = validate_request(request, input_shape=self.input_shape,
-                               num_classes=self.num_classes)
+                               num_classes=self.num_classes, limits=self._limits)
+    outcomes = screening_lib.apply_screens(self._screens, request.images,
+                                           request.labels)
+    dropped = self._apply_flagged_policy(outcomes, len(request.labels))
+    if dropped:
+      keep = np.setdiff1d(np.arange(len(request.labels)), dropped)
+      request = UnlearningRequest(request.images[keep], request.labels[keep])
     self._clean_test_predictions()
     started = time.perf_counter()
     key = jax.random.fold_in(self._key, self._requests)
@@ -280,11 +457,42 @@ class UnlearningService:
           f"{self.method} produced NaN/inf parameters on {len(request.labels)} "
           f"samples with {self._settings}; the model was left unchanged. Lower "
           "tau / the learning rate or use reduction='mean'.")
+    guard = None
+    if self._guard is not None:
+      verdict = utility_lib.check(self._guard, new_variables)
+      guard = verdict.summary()
+      if not verdict.ok:
+        raise RequestRefused(
+            f"Request refused by the utility guard: {verdict.reason}. The "
+            "unlearning was rolled back; the model is unchanged.",
+            screen="utility_guard", outcomes=outcomes, verdict=verdict)
     self._variables = new_variables
     receipt = Receipt(self._requests, self.method, len(request.labels), seconds,
-                      dataclasses.asdict(self._settings))
+                      dataclasses.asdict(self._settings),
+                      tuple(o.summary() for o in outcomes), tuple(dropped), guard)
     self._requests += 1
     return receipt
+
+  def _apply_flagged_policy(self, outcomes, count: int) -> tuple[int, ...]:
+    """The indices to drop (``on_flagged='drop'``), or ``RequestRefused``."""
+    hits = [o for o in outcomes if o.flagged]
+    if not hits:
+      return ()
+    keep = screening_lib.keep_mask(outcomes, count)
+    if self._on_flagged == "drop" and keep.any():
+      return tuple(int(i) for i in np.flatnonzero(~keep))
+    first = hits[0]
+    shown = ", ".join(map(str, first.flagged[:10])) + (
+        ", ..." if len(first.flagged) > 10 else "")
+    others = "".join(f"; screen {o.name!r} flagged {len(o.flagged)}"
+                     for o in hits[1:])
+    what = ("every sample was flagged" if self._on_flagged == "drop"
+            else "a request with any flagged sample is refused whole")
+    raise RequestRefused(
+        f"Request refused by screen {first.name!r}: {len(first.flagged)} of "
+        f"{count} samples {first.reason} (indices [{shown}]; score above "
+        f"{first.threshold:.4g}){others}. The model is unchanged ({what}).",
+        screen=first.name, flagged=first.flagged, outcomes=outcomes)
 
   def oracle(self, *, budget: int | None = None) -> oracle_lib.Oracle:
     """A counted black-box oracle over the current model (all an attacker gets).

@@ -189,3 +189,125 @@ def test_receipt_is_frozen(setup):
   receipt = make_service(setup).unlearn(request())
   with pytest.raises(dataclasses.FrozenInstanceError):
     receipt.num_samples = 0
+
+
+# ----------------------------------------------------------------------------------
+# Request bounds: size, dtype, duplicates (every refusal leaves the model bit-identical)
+
+
+def test_fingerprint_is_bit_exact(setup):
+  model, variables, _ = setup
+  service = make_service(setup)
+  assert service.model_fingerprint() == service_lib.fingerprint(variables)
+  # One ulp in one leaf changes it.
+  leaves, treedef = jax.tree_util.tree_flatten(variables)
+  first = np.asarray(leaves[0]).copy()
+  first.flat[0] = np.nextafter(first.flat[0], np.float32(1))
+  nudged = jax.tree_util.tree_unflatten(treedef, [first] + leaves[1:])
+  assert service_lib.fingerprint(nudged) != service_lib.fingerprint(variables)
+
+
+class NoCopy:
+  """An array-like that fails the test if anything converts it to an array."""
+
+  def __init__(self, shape):
+    self.shape = shape
+    self.dtype = np.dtype(np.float32)
+
+  def __array__(self, *args, **kwargs):
+    raise AssertionError("the request was copied before its size was checked")
+
+
+def test_oversized_request_is_refused_before_any_copy(setup):
+  service = make_service(setup, limits=service_lib.RequestLimits(
+      max_request_images=5))
+  before = service.model_fingerprint()
+  with pytest.raises(service_lib.InvalidRequestError, match="limit of 5 images"):
+    service.unlearn((NoCopy((6,) + SHAPE), np.zeros(6, np.int32)))
+  with pytest.raises(service_lib.InvalidRequestError, match="limit of 5 images"):
+    service.predict(NoCopy((6,) + SHAPE))
+  # The default limit is documented and large enough for the paper's 2,000.
+  assert service_lib.RequestLimits().max_request_images == 10_000
+  with pytest.raises(service_lib.InvalidRequestError, match="10000"):
+    make_service(setup).unlearn((NoCopy((10_001,) + SHAPE),
+                                 np.zeros(10_001, np.int32)))
+  # Exactly at the limit is served.
+  assert service.unlearn(request(n=5)).num_samples == 5
+  assert service.model_fingerprint() != before
+  with pytest.raises(ValueError, match=">= 1"):
+    service_lib.RequestLimits(max_request_images=0)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64, np.int32, bool])
+def test_integer_images_are_refused_with_the_mapping(setup, dtype):
+  service = make_service(setup)
+  before = service.model_fingerprint()
+  zeros = np.zeros((3,) + SHAPE, dtype)   # Would have been "mid-grey" before.
+  with pytest.raises(service_lib.InvalidRequestError,
+                     match=r"float32 pixels mapped as x / 255 - 0.5"):
+    service.unlearn((zeros, np.zeros(3, np.int32)))
+  with pytest.raises(service_lib.InvalidRequestError, match="floating point"):
+    service.predict(zeros)
+  assert service.model_fingerprint() == before
+  assert service.requests_served == 0
+
+
+def test_float64_and_lists_are_still_accepted(setup):
+  service = make_service(setup)
+  req = request(n=2)
+  probs = service.predict(req.images)
+  np.testing.assert_allclose(service.predict(req.images.astype(np.float64)), probs,
+                             rtol=1e-6)
+  np.testing.assert_allclose(service.predict(req.images.tolist()), probs,
+                             rtol=1e-6)
+
+
+def test_duplicate_images_are_refused_by_default(setup):
+  service = make_service(setup)
+  before = service.model_fingerprint()
+  req = request(n=6)
+  images = req.images.copy()
+  images[4] = images[1]
+  images[5] = images[1]
+  with pytest.raises(service_lib.InvalidRequestError,
+                     match=r"2 duplicate images \(1 images sent more than once, "
+                           r"e.g. indices \[1, 4, 5\]\)"):
+    service.unlearn((images, req.labels))
+  # 50 copies of one image, even with different labels.
+  fifty = np.repeat(req.images[:1], 50, axis=0)
+  with pytest.raises(service_lib.InvalidRequestError, match="49 duplicate"):
+    service.unlearn((fifty, np.arange(50, dtype=np.int32) % K))
+  # -0.0 and 0.0 are the same pixel value.
+  zero = np.zeros((2,) + SHAPE, np.float32)
+  zero[1, 0, 0, 0] = -0.0
+  with pytest.raises(service_lib.InvalidRequestError, match="1 duplicate"):
+    service.unlearn((zero, np.zeros(2, np.int32)))
+  assert service.model_fingerprint() == before
+  assert service.requests_served == 0
+  # Differing in one pixel by one ulp is not an exact duplicate.
+  images = np.repeat(req.images[:1], 2, axis=0)
+  images[1, 0, 0, 0] = np.nextafter(images[1, 0, 0, 0], np.float32(0))
+  assert service.unlearn((images, np.zeros(2, np.int32))).num_samples == 2
+
+
+def test_duplicates_can_be_allowed_and_then_count_twice(setup):
+  model, variables, _ = setup
+  service = make_service(setup, limits=service_lib.RequestLimits(
+      allow_duplicates=True))
+  req = request(n=1)
+  twice = np.repeat(req.images, 2, axis=0)
+  assert service.unlearn((twice, np.zeros(2, np.int32))).num_samples == 2
+  expected = unlearning.unlearn(
+      "first_order", model, variables, twice, np.zeros(2, np.int32),
+      jax.random.fold_in(jax.random.key(88), 0),
+      unlearning.FirstOrderSettings(tau=1e-2))
+  assert service.model_fingerprint() == service_lib.fingerprint(
+      jax.block_until_ready(expected))
+
+
+def test_duplicate_groups_by_hand():
+  x = np.zeros((5, 2, 2, 1), np.float32)
+  x[1] += 0.1
+  x[3] += 0.1
+  x[4] += 0.2
+  assert service_lib.duplicate_groups(x) == [[0, 2], [1, 3]]
