@@ -9,7 +9,7 @@ exactly two operations:
 
 Attack code receives only ``oracle()``, a counted black-box ``ounl_jax.oracle.Oracle``
 over the model as it is when handed out. The operator measures the model on the
-server's own test set with ``evaluate`` (PROTOCOL section 11).
+server's own test set with ``evaluate`` (docs/protocol.md §11).
 
 ``UnlearningService`` is the one stateful object: it owns the parameters (private,
 changed only by ``unlearn``) and a request counter that derives each request's key.
@@ -500,14 +500,15 @@ class UnlearningService:
     The oracle answers with the model as it is now; ask for a new one after an
     unlearning request to query the unlearned model.
     """
-    probabilities = functools.partial(models.predict_probabilities, self._model,
-                                      self._variables)
-    return oracle_lib.make_oracle(probabilities, input_shape=self.input_shape,
+    # The parameters travel as jit arguments (an opaque handle in the oracle's
+    # state): oracles of one model share their compiled attack code.
+    return oracle_lib.make_oracle(oracle_lib.Softmax(self._model.apply),
+                                  self._variables, input_shape=self.input_shape,
                                   num_classes=self.num_classes,
                                   output=self._output, budget=budget)
 
   def evaluate(self, class_a: int | None = None) -> ServiceEvaluation:
-    """The current model's metrics on the server's test set (PROTOCOL section 11).
+    """The current model's metrics on the server's test set (docs/protocol.md §11).
 
     Args:
       class_a: the unlearned class, for its accuracy and prediction histogram.

@@ -1,4 +1,4 @@
-"""Pushing-I / Pushing-II (Sec. III-C; PROTOCOL 8.2, 9, 16)."""
+"""Pushing-I / Pushing-II (Sec. III-C; docs/protocol.md §8.2, 9, 16)."""
 
 import dataclasses
 
@@ -172,7 +172,7 @@ def test_samples_that_cannot_be_pushed_are_flagged():
   assert result.pushing_i.status[0] == result.pushing_ii.status[0] == "misclassified"
   assert result.attack_queries[0] == 0 and result.queries[0] == 1
   # Three iterations are not enough to cross: no Pushing-I sample either (the
-  # released code would have saved its arctanh-space buffer; PROTOCOL 8.2).
+  # released code would have saved its arctanh-space buffer; docs/protocol.md §8.2).
   stuck = ~result.crossed & result.attacked
   assert stuck.any()
   assert (result.pushing_i.status[stuck] == "no_crossing").all()
@@ -235,7 +235,7 @@ def test_pushing_airplanes_of_a_trained_vgg(trained_vgg):
 
 @pytest.mark.realdata
 def test_vgg_trajectory_does_not_depend_on_batch_mates(trained_vgg):
-  """Same compiled batch size, other partner: bit-identical (PROTOCOL 19)."""
+  """Same compiled batch size, other partner: bit-identical (docs/protocol.md §19)."""
   oracle = vgg_oracle(trained_vgg)
   train = trained_vgg.splits.train
   settings = zoo.ZooSettings(iterations_per_chunk=5, abort_early=False)

@@ -1,4 +1,4 @@
-"""ZOO black-box C&W (Eq. 4-8; PROTOCOL 8 and 12) on small linear models."""
+"""ZOO black-box C&W (Eq. 4-8; docs/protocol.md §8 and §12) on small linear models."""
 
 import dataclasses
 import functools
