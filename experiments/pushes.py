@@ -91,7 +91,12 @@ def load(path: str, key: str) -> dict | None:
 def requested_count(train: data_lib.LabelledImages, class_a: int, fraction: float,
                     max_samples: int | None) -> int:
   """N = fraction x (class A's training samples), capped at ``max_samples``."""
-  count = int(np.sum(train.labels == class_a) * fraction)
+  members = int(np.sum(train.labels == class_a))
+  count = int(members * fraction)
+  if count < 1:
+    raise common.UserError(
+        f"--fraction={fraction} of the {members} training samples of class A "
+        "selects no sample; use a larger --fraction.")
   return count if max_samples is None else min(count, max_samples)
 
 
@@ -145,8 +150,12 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
     bar.n = min(done, requested)
     bar.refresh()
   bar.close()
-  tried = int(queue[position - 1]) + 1 if position else len(candidates)
-  arrays = concatenate(rounds) if rounds else {}
+  if not rounds:
+    raise common.UserError(
+        f"The model misclassifies all {len(candidates)} training samples of class "
+        "A, so none can be pushed; train the model longer (--epochs).")
+  tried = int(queue[position - 1]) + 1
+  arrays = concatenate(rounds)
   arrays.update(candidates_tried=np.asarray(tried),
                 candidates_misclassified=np.asarray(int(np.sum(~pushable[:tried]))),
                 screening_queries=np.asarray(len(candidates)),

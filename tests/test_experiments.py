@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import blending  # noqa: F401  (defines nothing new; uses runner)
+from experiments import common
 from experiments import finetune  # noqa: F401
 from experiments import pushing  # noqa: F401
 from experiments import reproduce
@@ -46,12 +47,23 @@ def check_schema(results, conditions):
   assert results["git"]["commit"]
 
 
-@pytest.fixture
-def mock_cifar10(monkeypatch, tmp_path):
+def _mock_data(monkeypatch, tmp_path, num_examples):
   folder = mock_prepared_folder(tmp_path)
   monkeypatch.setattr(data_lib, "find_prepared", lambda spec, d: folder)
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "data"))
-  with tfds.testing.mock_data(num_examples=300):
+  return tfds.testing.mock_data(num_examples=num_examples)
+
+
+@pytest.fixture
+def mock_cifar10(monkeypatch, tmp_path):
+  with _mock_data(monkeypatch, tmp_path, 300):
+    yield tmp_path
+
+
+@pytest.fixture
+def mock_cifar100(monkeypatch, tmp_path):
+  """Enough mock CIFAR-100 for 10% of one class to be one sample."""
+  with _mock_data(monkeypatch, tmp_path, 2000):
     yield tmp_path
 
 
@@ -142,13 +154,33 @@ def test_real_data_smoke_run_is_consistent_and_reproducible(tmp_path):
   assert strip_timings(runs[0]) == strip_timings(runs[1])
 
 
+def test_table_vi_runs_on_cifar100_up_to_the_push(mock_cifar100):
+  # A smoke model on random mock images gets no apple right: the grid must stop
+  # with the one-line reason, not a KeyError or an empty results file.
+  parse(mock_cifar100 / "run", "--table=VI", "--dataset=cifar100",
+        "--max_iterations=10", "--iterations_per_chunk=10")
+  with pytest.raises(common.UserError, match="misclassifies all"):
+    reproduce.main([])
+  assert not list((mock_cifar100 / "run").glob("table_VI/*/results.json"))
+
+
+def test_table_vi_report_puts_the_paper_beside_the_histogram():
+  def result(fraction, kept, moved):
+    hist = {"apple": kept, "pear": 1, "sweet_pepper": moved}
+    return {"config": {"attack": {"fraction": fraction}}, "class_a": "apple",
+            "conditions": {c: {"histogram": hist, "histogram_total": 71}
+                           for c in ("normal", "pushing_i", "pushing_ii")}}
+  lines = reproduce.paper_tables.TABLES["VI"].report(
+      "cifar100", {"fraction_0.5_to_sweet_pepper": result(0.5, 3, 40)})
+  assert ("| fraction_0.5_to_sweet_pepper | pushing_i | (2, 41) | (3, 40) of 71 |"
+          in lines)
+
+
 @pytest.mark.parametrize("dataset,tables", [
     ("cifar10", ("IV", "VII", "XI", "fig5", "fig8", "fig10")),
-    ("cifar100", ("VI",)),
 ])
-def test_new_reproduce_grids_report_paper_beside_measured(mock_cifar10, capsys,
-                                                          dataset, tables):
-  workdir = mock_cifar10 / dataset
+def test_new_reproduce_grids_report_paper_beside_measured(request, dataset, tables):
+  workdir = request.getfixturevalue(f"mock_{dataset}") / dataset
   for table in tables:
     parse(workdir, f"--table={table}", f"--dataset={dataset}",
           "--max_iterations=10", "--iterations_per_chunk=10")

@@ -7,6 +7,9 @@ that makes the server over-unlearn, with black-box access only (an ``Oracle``).
 * ``pushing``: Pushing-I / Pushing-II from the ZOO trajectory (Sec. III-C;
   docs/protocol.md §8.2 and §16).
 * ``labels``: the submitted-label modes (docs/protocol.md §9).
+* ``label_only``: decision-based pushing on label answers (HopSkipJump-style).
+* ``unlearning_gradient`` (import it as a module: it is white-box and needs the
+  model): the attack that differentiates through the unlearning update.
 """
 
 from ounl_jax.attacks.blending import BlendResult
@@ -14,6 +17,8 @@ from ounl_jax.attacks.blending import BlendSettings
 from ounl_jax.attacks.blending import blend
 from ounl_jax.attacks.blending import blending_attack
 from ounl_jax.attacks.blending import draw_class_b
+from ounl_jax.attacks.label_only import LabelOnlySettings
+from ounl_jax.attacks.label_only import label_only_push
 from ounl_jax.attacks.labels import LABEL_MODES
 from ounl_jax.attacks.labels import oracle_predictions
 from ounl_jax.attacks.labels import submitted_labels
@@ -28,10 +33,12 @@ from ounl_jax.attacks.zoo import ZooState
 from ounl_jax.attacks.zoo import zoo_attack
 from ounl_jax.attacks.zoo import zoo_init
 from ounl_jax.attacks.zoo import zoo_run_chunk
+from ounl_jax.attacks.zoo import query_efficient_settings
 from ounl_jax.attacks.zoo import zoo_step
 
 __all__ = (
-    "BlendResult", "BlendSettings", "LABEL_MODES", "PushResult", "PushSettings",
+    "BlendResult", "BlendSettings", "LABEL_MODES", "LabelOnlySettings",
+    "PushResult", "PushSettings", "label_only_push", "query_efficient_settings",
     "Pushed", "ZooProgress", "ZooResult", "ZooSettings", "ZooState", "blend",
     "blending_attack", "draw_class_b", "oracle_predictions", "push",
     "submitted_labels", "zoo_attack", "zoo_init", "zoo_run_chunk", "zoo_step",
