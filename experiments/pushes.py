@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+import zipfile
 
 import jax
 import numpy as np
@@ -83,7 +84,7 @@ def load(path: str, key: str) -> dict | None:
       if str(saved["fingerprint"]) != key:
         return None
       return {k: saved[k] for k in saved.files}
-  except (OSError, ValueError, KeyError, EOFError) as error:
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
     common.warn(f"{path} is unreadable ({type(error).__name__}); pushing again.")
     return None
 

@@ -48,8 +48,10 @@ flags.DEFINE_enum("scope", None, ["head", "all"],
                   "first_order / gradient_ascent: updated parameters (head).")
 flags.DEFINE_enum("replacement", None, ["noise", "black", "white", "none"],
                   "first_order: irrelevant samples (noise).")
-flags.DEFINE_bool("reference_code", None, "first_order: reproduce the released "
-                  "code's dropped noise term on full gradient batches (docs/protocol.md §5).")
+flags.DEFINE_bool("reference_code", True, "first_order: the released code's "
+                  "update, noise term dropped on full gradient batches "
+                  "(docs/protocol.md §5), as the pushing experiments; "
+                  "--noreference_code: Eq. 13 as written.")
 flags.DEFINE_integer("reference_batch_size", None, "first_order with "
                      "--reference_code: the gradient batch (released 256).")
 flags.DEFINE_float("finetune_learning_rate", None, "fine_tune: SGD rate (0.01).")
@@ -76,7 +78,9 @@ def settings_from_flags(method: str):
     if value is None:
       continue
     if field not in fields:
-      raise common.UserError(f"--{flag} does not apply to --method={method}.")
+      if FLAGS[flag].present:
+        raise common.UserError(f"--{flag} does not apply to --method={method}.")
+      continue
     overrides[field] = value
   return dataclasses.replace(settings, **overrides)
 

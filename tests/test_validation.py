@@ -65,3 +65,23 @@ def test_command_line_prints_one_line_and_exits_2(tmp_path):
   assert out.stderr.strip() == ("error: --fraction=1.5: must be in (0, 1] (the "
                                 "paper uses 0.1 and 0.5).")
   assert not (tmp_path / "run").exists()
+
+
+def test_truncated_json_in_a_workdir_names_the_file_and_the_fix(tmp_path):
+  path = tmp_path / "train_metrics.json"
+  path.write_text('{"config": {"train": ')
+  with pytest.raises(common.UserError) as error:
+    common.read_json(str(path))
+  assert str(path) in str(error.value) and "Delete it and rerun" in str(error.value)
+
+
+def test_truncated_push_is_pushed_again_not_a_raw_error(tmp_path, capsys):
+  import numpy as np
+  from experiments import pushes
+  path = tmp_path / "attack" / "pushed-abc.npz"
+  pushes.save(str(path), {"fingerprint": np.asarray("abc"),
+                          "images": np.zeros((4, 8, 8, 3), np.float32)})
+  assert pushes.load(str(path), "abc") is not None
+  path.write_bytes(path.read_bytes()[:40])  # Cut short.
+  assert pushes.load(str(path), "abc") is None
+  assert str(path) in capsys.readouterr().err
