@@ -21,6 +21,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from experiments import attackers
 from experiments import common
 from experiments import pushes
 from experiments import training
@@ -41,6 +42,7 @@ class AttackConfig:
   unlearn_class: str | None = None     # None: the paper's class A of the dataset.
   fraction: float = 0.1
   sample_rule: str = "released"        # experiments/pushes.py SAMPLE_RULES.
+  attack: str = "zoo"                  # experiments/attackers.py ATTACKS.
   max_samples: int | None = None       # Cap on the user's samples (reduced scales).
   unlearning: str = "first_order"
   tau: float | None = None             # None: the method's default (2e-4).
@@ -81,6 +83,10 @@ def define_attack_flags() -> None:
                      "user owns and asks to unlearn (paper: 0.1 and 0.5).")
   flags.DEFINE_integer("max_samples", None,
                        "Cap on the number of samples (preset if unset).")
+  flags.DEFINE_enum("attack", "zoo", list(attackers.ATTACKS),
+                    "Black-box attacker: zoo (the paper's, released settings), "
+                    "zoo_directions (query-efficient ZOO), label_only (labels "
+                    "only).")
   flags.DEFINE_enum("sample_rule", "released", list(pushes.SAMPLE_RULES),
                     "released: push class-A samples until N = fraction x class A "
                     "are pushed, submit those N (the authors' code); "
@@ -137,7 +143,7 @@ def attack_config_from_flags(**overrides) -> AttackConfig:
   scale = FLAGS.scale
   config = AttackConfig(
       unlearn_class=FLAGS.unlearn_class, fraction=FLAGS.fraction,
-      sample_rule=FLAGS.sample_rule,
+      sample_rule=FLAGS.sample_rule, attack=FLAGS.attack,
       reference_batch_size=FLAGS.reference_batch_size,
       max_samples=common.from_preset("max_samples", scale),
       unlearning=FLAGS.unlearning, tau=FLAGS.tau, reduction=FLAGS.reduction,
@@ -205,12 +211,13 @@ def unlearning_settings(config: AttackConfig):
   return dataclasses.replace(settings, **given)
 
 
-def new_server(ctx: Context, config: AttackConfig) -> service_lib.UnlearningService:
+def new_server(ctx: Context, config: AttackConfig, *,
+               output: str = "probabilities") -> service_lib.UnlearningService:
   """A server holding the clean model (each condition starts from it)."""
   return service_lib.UnlearningService(
       ctx.trained.model, ctx.trained.variables, ctx.splits.test,
       key=jax.random.key(config.server_seed), method=config.unlearning,
-      settings=unlearning_settings(config))
+      settings=unlearning_settings(config), output=output)
 
 
 def condition_report(ctx: Context, server: service_lib.UnlearningService,
@@ -296,7 +303,9 @@ def push_fingerprint(ctx: Context, config: AttackConfig,
                      candidates: data_lib.LabelledImages) -> str:
   """Identifies a push: model weights, candidate ids and pixels, every setting."""
   leaves = jax.tree_util.tree_leaves(ctx.trained.variables)
-  return pushes.fingerprint({
+  # The paper's attacker keeps the fingerprint pushes had before --attack existed.
+  attacker = {} if config.attack == "zoo" else {"attack": config.attack}
+  return pushes.fingerprint({**attacker,
       "train": ctx.train_config.to_dict(),
       "model": _array_digest(*[np.asarray(leaf) for leaf in leaves]),
       "candidates": _array_digest(candidates.ids, candidates.images),
@@ -311,6 +320,10 @@ def push_for(ctx: Context, config: AttackConfig, workdir: str, *,
   """The user's push under ``config.sample_rule`` (reused when saved)."""
   class_a = class_a_of(ctx.spec, config)
   settings = push_settings(config, ctx.spec)
+  pool = getattr(ctx.splits, config.blend_pool)
+  attack = attackers.make(config.attack, settings, attackers.start_images(
+      pool.images, pool.labels, class_a, settings.target_class))
+  oracle = lambda: new_server(ctx, config, output=attack.oracle_output).oracle()
   key = jax.random.key(config.attack_seed)
   if config.sample_rule == "released":
     candidates = pushes.candidate_order(ctx.splits.train, class_a,
@@ -318,13 +331,12 @@ def push_for(ctx: Context, config: AttackConfig, workdir: str, *,
     requested = pushes.requested_count(ctx.splits.train, class_a, config.fraction,
                                        config.max_samples)
     run = lambda: pushes.push_released(
-        new_server(ctx, config).oracle(), candidates, requested, key, settings,
-        show_progress=show_progress)
+        oracle(), candidates, requested, key, attack,
+        target_class=settings.target_class, show_progress=show_progress)
   else:
     candidates = user_samples(ctx, config)
-    run = lambda: pushes.push_fraction_first(
-        new_server(ctx, config).oracle(), candidates, key, settings,
-        show_progress=show_progress)
+    run = lambda: pushes.push_fraction_first(oracle(), candidates, key, attack,
+                                             show_progress=show_progress)
   return pushes.cached_push(workdir, push_fingerprint(ctx, config, candidates), run)
 
 
@@ -358,6 +370,7 @@ def run_pushing(ctx: Context, config: AttackConfig, workdir: str, *,
       **run_summary(ctx, config, "pushing", class_a, requested, len(rows)),
       "target_class": config.target_class,
       "sample_rule": config.sample_rule,
+      "attacker": config.attack,
       "requested": requested,
       "short_by": requested - len(rows),
       "submitted_ids": pushed["ids"][rows],

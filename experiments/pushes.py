@@ -117,7 +117,7 @@ def _bar_callback(bar, offset: int):
 
 
 def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
-                  key: jax.Array, settings: pushing_lib.PushSettings, *,
+                  key: jax.Array, attack, *, target_class: int | None,
                   show_progress: bool = True) -> dict:
   """The released sample rule: push candidates in order until ``requested`` succeed.
 
@@ -127,24 +127,22 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
   and the number of screening queries.
   """
   state = oracle.init()
-  predicted, state = labels_lib.oracle_predictions(
-      oracle, state, candidates.images, batch_size=settings.evaluation_batch_size)
+  predicted, state = labels_lib.oracle_predictions(oracle, state, candidates.images)
   pushable = predicted == candidates.labels
-  if settings.targeted:
-    pushable &= predicted != settings.target_class
+  if target_class is not None:
+    pushable &= predicted != target_class
   queue = np.flatnonzero(pushable)
   rounds, done, position = [], 0, 0
-  bar = common.progress(total=requested, desc="pushing (ZOO)", unit="sample",
+  bar = common.progress(total=requested, desc="pushing", unit="sample",
                         enabled=show_progress)
   while done < requested and position < len(queue):
     size = math.ceil((requested - done) * ROUND_MARGIN)
     rows = queue[position:position + size]
     position += len(rows)
     samples = candidates.take(rows)
-    result = pushing_lib.push(oracle, samples.images, samples.labels,
-                              jax.random.fold_in(key, len(rounds)), settings,
-                              oracle_state=state,
-                              on_chunk=_bar_callback(bar, done))
+    result = attack.push(oracle, samples.images, samples.labels,
+                         jax.random.fold_in(key, len(rounds)), state,
+                         _bar_callback(bar, done))
     state = result.oracle_state
     rounds.append(to_arrays(samples, result))
     done += int(np.sum(result.pushing_i.success & result.pushing_ii.success))
@@ -166,13 +164,12 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
 
 
 def push_fraction_first(oracle, samples: data_lib.LabelledImages, key: jax.Array,
-                        settings: pushing_lib.PushSettings, *,
-                        show_progress: bool = True) -> dict:
+                        attack, *, show_progress: bool = True) -> dict:
   """The first rule: push every drawn sample; the failures are dropped later."""
-  bar = common.progress(total=len(samples), desc="pushing (ZOO)", unit="sample",
+  bar = common.progress(total=len(samples), desc="pushing", unit="sample",
                         enabled=show_progress)
-  result = pushing_lib.push(oracle, samples.images, samples.labels, key, settings,
-                            on_chunk=_bar_callback(bar, 0))
+  result = attack.push(oracle, samples.images, samples.labels, key, oracle.init(),
+                       _bar_callback(bar, 0))
   bar.close()
   arrays = to_arrays(samples, result)
   arrays.update(candidates_tried=np.asarray(len(samples)),

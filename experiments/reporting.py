@@ -66,7 +66,8 @@ def attack_lines(results: dict) -> list[str]:
             f"{results['class_b']}; submitted labels: "
             f"{attack['submitted_label_counts']}; {attack['queries']} oracle queries."]
   submitted = len(results["submitted_ids"])
-  lines = [f"- Sample rule `{results.get('sample_rule', 'fraction_first')}`: N = "
+  lines = [f"- Attacker `{results.get('attacker', 'zoo')}`; sample rule "
+           f"`{results.get('sample_rule', 'fraction_first')}`: N = "
            f"{attack['requested']} requested; {attack['candidates_tried']} "
            f"candidates tried ({attack['candidates_misclassified']} misclassified "
            f"by the clean model, {attack['attacked']} attacked); submitted in every "

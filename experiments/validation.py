@@ -11,6 +11,7 @@ import math
 import os
 import tempfile
 
+from experiments import attackers
 from experiments import common
 from experiments import pushes
 from ounl_jax import data as data_lib
@@ -62,6 +63,8 @@ def check_attack(spec: data_lib.DatasetSpec, config) -> None:
           "0.5).")
   if config.sample_rule not in pushes.SAMPLE_RULES:
     _fail("sample_rule", config.sample_rule, f"choose one of {pushes.SAMPLE_RULES}.")
+  if config.attack not in attackers.ATTACKS:
+    _fail("attack", config.attack, f"choose one of {', '.join(attackers.ATTACKS)}.")
   for flag in ("max_samples", "max_iterations", "iterations_per_chunk",
                "sample_chunk_size", "reference_batch_size", "finetune_epochs"):
     _positive(flag, getattr(config, flag))

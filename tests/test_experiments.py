@@ -212,3 +212,18 @@ def test_table_of_another_dataset_is_refused_before_any_work(mock_cifar10):
   with pytest.raises(Exception, match="--dataset=cifar100"):
     reproduce.main([])
   assert not (mock_cifar10 / "run").exists()
+
+
+@pytest.mark.parametrize("attack", ["zoo_directions", "label_only"])
+def test_other_attackers_run_through_the_same_pipeline(mock_cifar10, attack):
+  workdir = mock_cifar10 / attack
+  parse(workdir, f"--attack={attack}", "--max_iterations=10",
+        "--iterations_per_chunk=10")
+  results = json.loads(open(runner.run("pushing")).read())
+  check_schema(results, {"clean", "normal", "pushing_i", "pushing_ii"})
+  assert results["attacker"] == attack
+  stats = results["attack"]
+  # Every image the oracle answered is billed to a candidate (screening included).
+  assert stats["oracle_queries"] == (stats["screening_queries"]
+                                     + round(stats["queries_per_sample"]["mean"]
+                                             * stats["attacked"]))
