@@ -110,7 +110,7 @@ def candidate_order(train: data_lib.LabelledImages, class_a: int,
 
 def _bar_callback(bar, offset: int):
   def on_chunk(progress):
-    bar.n = offset + progress.samples_done
+    bar.n = min(offset + progress.samples_done, bar.total)
     bar.set_postfix(iteration=progress.iteration, queries=progress.oracle_queries)
     bar.refresh()
   return on_chunk
