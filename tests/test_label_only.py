@@ -3,7 +3,6 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -12,45 +11,17 @@ from ounl_jax import models
 from ounl_jax import oracle as oracle_lib
 from ounl_jax import train as train_lib
 from ounl_jax.attacks import label_only
+from tests import tiny
 
-SHAPE = (8, 8, 3)
-CLASSES = 4
+SHAPE = tiny.SHAPE
+CLASSES = tiny.CLASSES
+mlp_model = tiny.mlp_model
 SETTINGS = label_only.LabelOnlySettings(max_iterations=12, directions=32,
                                         iterations_per_chunk=4)
 
 
 def synthetic(count, seed):
-  """Class templates plus noise: a task a small MLP learns in a second."""
-  templates = np.asarray(jax.random.uniform(jax.random.key(1234),
-                                            (CLASSES,) + SHAPE, minval=-0.3,
-                                            maxval=0.3))
-  labels = np.arange(count) % CLASSES
-  noise = np.asarray(jax.random.normal(jax.random.key(seed), (count,) + SHAPE))
-  images = np.clip(templates[labels] + 0.12 * noise, -0.5, 0.5).astype(np.float32)
-  return images, labels.astype(np.int32)
-
-
-def mlp_model(hidden=32):
-  """A two-layer perceptron as a ``models.Model`` (head layers named as the VGG's)."""
-
-  def init(key):
-    k1, k2 = jax.random.split(key)
-    dim = int(np.prod(SHAPE))
-    return {"params": {
-        "head_dense": {"kernel": jax.random.normal(k1, (dim, hidden)) / dim ** 0.5,
-                       "bias": jnp.zeros((hidden,))},
-        "logits": {"kernel": jax.random.normal(k2, (hidden, CLASSES)) / hidden ** 0.5,
-                   "bias": jnp.zeros((CLASSES,))}}, "batch_stats": {}}
-
-  def apply(variables, x, *, train=False, rngs=None):
-    del rngs
-    p = variables["params"]
-    h = jax.nn.relu(x.reshape(x.shape[0], -1) @ p["head_dense"]["kernel"]
-                    + p["head_dense"]["bias"])
-    logits = h @ p["logits"]["kernel"] + p["logits"]["bias"]
-    return (logits, variables["batch_stats"]) if train else logits
-
-  return models.Model("mlp", init, apply, SHAPE, CLASSES)
+  return tiny.synthetic(count, seed)
 
 
 def train_tiny_model():

@@ -8,50 +8,21 @@ import numpy as np
 import optax
 import pytest
 
-from ounl_jax import models
 from ounl_jax import train as train_lib
 from ounl_jax.attacks import unlearning_gradient as ug
 from ounl_jax.unlearning import first_order
+from tests import tiny
 
-SHAPE = (8, 8, 3)
-CLASSES = 4
+SHAPE = tiny.SHAPE
+CLASSES = tiny.CLASSES
+mlp_model = tiny.mlp_model
 CLASS_A = 0
 SETTINGS = ug.UnlearningGradientSettings(
     steps=30, max_l2=3.0, unlearning=first_order.FirstOrderSettings(tau=2e-3))
 
 
 def synthetic(count, seed):
-  """Noisy class templates: learnable, but the model stays far from saturation."""
-  templates = np.asarray(jax.random.uniform(jax.random.key(1234),
-                                            (CLASSES,) + SHAPE, minval=-0.15,
-                                            maxval=0.15))
-  labels = np.arange(count) % CLASSES
-  noise = np.asarray(jax.random.normal(jax.random.key(seed), (count,) + SHAPE))
-  images = np.clip(templates[labels] + 0.35 * noise, -0.5, 0.5).astype(np.float32)
-  return images, labels.astype(np.int32)
-
-
-def mlp_model(hidden=32):
-  """A two-layer perceptron as a ``models.Model``; both layers are the 'head'."""
-
-  def init(key):
-    k1, k2 = jax.random.split(key)
-    dim = int(np.prod(SHAPE))
-    return {"params": {
-        "head_dense": {"kernel": jax.random.normal(k1, (dim, hidden)) / dim ** 0.5,
-                       "bias": jnp.zeros((hidden,))},
-        "logits": {"kernel": jax.random.normal(k2, (hidden, CLASSES)) / hidden ** 0.5,
-                   "bias": jnp.zeros((CLASSES,))}}, "batch_stats": {}}
-
-  def apply(variables, x, *, train=False, rngs=None):
-    del rngs
-    p = variables["params"]
-    h = jax.nn.relu(x.reshape(x.shape[0], -1) @ p["head_dense"]["kernel"]
-                    + p["head_dense"]["bias"])
-    logits = h @ p["logits"]["kernel"] + p["logits"]["bias"]
-    return (logits, variables["batch_stats"]) if train else logits
-
-  return models.Model("mlp", init, apply, SHAPE, CLASSES)
+  return tiny.synthetic(count, seed, spread=0.15, noise=0.35)
 
 
 @pytest.fixture(scope="module")
