@@ -4,12 +4,10 @@ import dataclasses
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from ounl_jax import models
 from ounl_jax import oracle as oracle_lib
-from ounl_jax import train as train_lib
 from ounl_jax.attacks import label_only
 from tests import tiny
 
@@ -28,22 +26,7 @@ def train_tiny_model():
   """The MLP trained full-batch on the synthetic task (about a second)."""
   model = mlp_model()
   images, labels = synthetic(1024, seed=1)
-  optimizer = optax.adam(1e-2)
-
-  @jax.jit
-  def fit(variables):
-    def step(carry, _):
-      params, opt_state = carry
-      loss = lambda p: train_lib.cross_entropy(
-          model.apply({"params": p, "batch_stats": {}}, images), labels).mean()
-      updates, opt_state = optimizer.update(jax.grad(loss)(params), opt_state)
-      return (optax.apply_updates(params, updates), opt_state), None
-    params = variables["params"]
-    (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None,
-                                  length=200)
-    return {"params": params, "batch_stats": {}}
-
-  return model, jax.tree_util.tree_map(np.asarray, fit(model.init(jax.random.key(0))))
+  return model, tiny.fit(model, images, labels, steps=200)
 
 
 @pytest.fixture(scope="module")

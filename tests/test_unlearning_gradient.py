@@ -5,10 +5,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from ounl_jax import train as train_lib
 from ounl_jax.attacks import unlearning_gradient as ug
 from ounl_jax.unlearning import first_order
 from tests import tiny
@@ -30,22 +28,7 @@ def server():
   """The server's MLP, trained full-batch (60 Adam steps) on 1,024 images."""
   model = mlp_model()
   images, labels = synthetic(1024, seed=1)
-  optimizer = optax.adam(1e-2)
-
-  @jax.jit
-  def fit(variables):
-    def step(carry, _):
-      params, opt_state = carry
-      loss = lambda p: train_lib.cross_entropy(
-          model.apply({"params": p, "batch_stats": {}}, images), labels).mean()
-      updates, opt_state = optimizer.update(jax.grad(loss)(params), opt_state)
-      return (optax.apply_updates(params, updates), opt_state), None
-    params = variables["params"]
-    (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None,
-                                  length=60)
-    return {"params": params, "batch_stats": {}}
-
-  variables = jax.tree_util.tree_map(np.asarray, fit(model.init(jax.random.key(0))))
+  variables = tiny.fit(model, images, labels, steps=60)
   return model, variables
 
 

@@ -3,8 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ounl_jax import models
+from ounl_jax import train as train_lib
 
 SHAPE = (8, 8, 3)
 CLASSES = 4
@@ -42,3 +44,23 @@ def mlp_model(hidden=32):
     return (logits, variables["batch_stats"]) if train else logits
 
   return models.Model("mlp", init, apply, SHAPE, CLASSES)
+
+
+def fit(model, images, labels, steps: int, learning_rate: float = 1e-2):
+  """Full-batch Adam on (images, labels) from the seed-0 init; numpy variables."""
+  optimizer = optax.adam(learning_rate)
+
+  @jax.jit
+  def run(variables):
+    def step(carry, _):
+      params, opt_state = carry
+      loss = lambda p: train_lib.cross_entropy(
+          model.apply({"params": p, "batch_stats": {}}, images), labels).mean()
+      updates, opt_state = optimizer.update(jax.grad(loss)(params), opt_state)
+      return (optax.apply_updates(params, updates), opt_state), None
+    params = variables["params"]
+    (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None,
+                                  length=steps)
+    return {"params": params, "batch_stats": {}}
+
+  return jax.tree_util.tree_map(np.asarray, run(model.init(jax.random.key(0))))

@@ -422,6 +422,24 @@ class ProbeLoss(NamedTuple):
   predicted: jax.Array  # argmax of the iterate's probabilities
 
 
+def _loss_and_changes(probabilities, centre, start, cls, settings: ZooSettings):
+  """Eq. 4 at the centre (loss, f0, margin m0) and each probe's change of f (Eq. 5).
+
+  ``probabilities[0]`` answers the centre, the rest the probes; f is the margin
+  clipped at -kappa, and its changes are exact where neither side is clipped.
+  """
+  p0 = probabilities[0]
+  logp0 = log_probabilities(p0)
+  m0 = margin(logp0, cls, settings.targeted)
+  f0 = jnp.maximum(m0, -settings.kappa)
+  loss = jnp.sum(jnp.square(centre - start)) + settings.c * f0
+  dm = _margin_changes(logp0, _log_ratios(probabilities[1:], p0), cls,
+                       settings.targeted)
+  unclipped = (m0 > -settings.kappa) & (m0 + dm > -settings.kappa)
+  df = jnp.where(unclipped, dm, jnp.maximum(m0 + dm, -settings.kappa) - f0)
+  return loss, f0, m0, df
+
+
 def coordinate_gradient(probabilities, modifier, anchor, coordinates, probe_values,
                         cls, settings: ZooSettings) -> ProbeLoss:
   """Finite-difference gradient of Eq. 4 on the drawn coordinates (Eq. 8).
@@ -439,14 +457,7 @@ def coordinate_gradient(probabilities, modifier, anchor, coordinates, probe_valu
   start = jnp.tanh(anchor) / 2
   centre = jnp.tanh(modifier + anchor) / 2
   p0 = probabilities[0]
-  logp0 = log_probabilities(p0)
-  m0 = margin(logp0, cls, settings.targeted)
-  f0 = jnp.maximum(m0, -settings.kappa)
-  loss = jnp.sum(jnp.square(centre - start)) + settings.c * f0
-  dm = _margin_changes(logp0, _log_ratios(probabilities[1:], p0), cls,
-                       settings.targeted)
-  unclipped = (m0 > -settings.kappa) & (m0 + dm > -settings.kappa)
-  df = jnp.where(unclipped, dm, jnp.maximum(m0 + dm, -settings.kappa) - f0)
+  loss, f0, m0, df = _loss_and_changes(probabilities, centre, start, cls, settings)
   d0 = centre[coordinates] - start[coordinates]
   d_plus = probe_values[:count] - start[coordinates]
   if settings.difference == "symmetric":
@@ -540,14 +551,7 @@ def direction_gradient(probabilities, probes, anchor, directions, cls,
   start = jnp.tanh(anchor) / 2
   centre = probes[0]
   p0 = probabilities[0]
-  logp0 = log_probabilities(p0)
-  m0 = margin(logp0, cls, settings.targeted)
-  f0 = jnp.maximum(m0, -settings.kappa)
-  loss = jnp.sum(jnp.square(centre - start)) + settings.c * f0
-  dm = _margin_changes(logp0, _log_ratios(probabilities[1:], p0), cls,
-                       settings.targeted)
-  unclipped = (m0 > -settings.kappa) & (m0 + dm > -settings.kappa)
-  df = jnp.where(unclipped, dm, jnp.maximum(m0 + dm, -settings.kappa) - f0)
+  loss, f0, m0, df = _loss_and_changes(probabilities, centre, start, cls, settings)
   plus, minus = probes[1:q + 1] - start, probes[q + 1:] - start
   # ||x+ - x0||^2 - ||x- - x0||^2 = sum (x+ - x-)(x+ + x- - 2 x0), no cancellation.
   distance = jnp.sum((plus - minus) * (plus + minus), -1)
