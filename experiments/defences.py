@@ -43,6 +43,7 @@ from PIL import Image
 
 from experiments import common
 from experiments import pipeline
+from experiments import pushes
 from ounl_jax import data as data_lib
 from ounl_jax import defences
 from ounl_jax import service as service_lib
@@ -109,18 +110,11 @@ def honest_halves(train: data_lib.LabelledImages, exclude_ids: np.ndarray,
 
 
 def submitted_rows(pushed: dict) -> np.ndarray:
-  """The rows the pushing experiment submits: pushed by both methods (and finite),
-  the first ``requested`` of them when the push records a requested count."""
+  """The rows the pushing experiment submits (``pushes.submitted_rows``)."""
   if "pushing_i_success" not in pushed:  # No candidate could be pushed at all.
     return np.zeros(0, np.int64)
-  both = (pushed["pushing_i_success"].astype(bool)
-          & pushed["pushing_ii_success"].astype(bool))
-  for name in ("pushing_i", "pushing_ii"):
-    both &= np.all(np.isfinite(pushed[name]), axis=(1, 2, 3))
-  rows = np.flatnonzero(both)
-  if "requested" in pushed:
-    rows = rows[:int(pushed["requested"])]
-  return rows
+  requested = int(pushed.get("requested", len(pushed["pushing_i_success"])))
+  return pushes.submitted_rows(pushed, requested)
 
 
 def attack_sets(ctx: pipeline.Context, config: pipeline.AttackConfig,
