@@ -305,12 +305,15 @@ def push_fingerprint(ctx: Context, config: AttackConfig,
   leaves = jax.tree_util.tree_leaves(ctx.trained.variables)
   # The paper's attacker keeps the fingerprint pushes had before --attack existed.
   attacker = {} if config.attack == "zoo" else {"attack": config.attack}
+  # Released-rule blocks do not depend on N; a fraction_first push does.
+  size = ({"block_size": pushes.block_size(config.max_samples)}
+          if config.sample_rule == "released" else
+          {"fraction": config.fraction, "max_samples": config.max_samples})
   return pushes.fingerprint({**attacker,
       "train": ctx.train_config.to_dict(),
       "model": _array_digest(*[np.asarray(leaf) for leaf in leaves]),
       "candidates": _array_digest(candidates.ids, candidates.images),
-      "sample_rule": config.sample_rule, "fraction": config.fraction,
-      "max_samples": config.max_samples,
+      "sample_rule": config.sample_rule, **size,
       "settings": dataclasses.asdict(push_settings(config, ctx.spec)),
       "attack_seed": config.attack_seed, "unlearn_seed": config.unlearn_seed})
 
@@ -330,13 +333,15 @@ def push_for(ctx: Context, config: AttackConfig, workdir: str, *,
                                         config.unlearn_seed)
     requested = pushes.requested_count(ctx.splits.train, class_a, config.fraction,
                                        config.max_samples)
-    run = lambda: pushes.push_released(
+    store = pushes.block_cache(workdir, push_fingerprint(ctx, config, candidates))
+    return pushes.latest(workdir, pushes.push_released(
         oracle(), candidates, requested, key, attack,
-        target_class=settings.target_class, show_progress=show_progress)
-  else:
-    candidates = user_samples(ctx, config)
-    run = lambda: pushes.push_fraction_first(oracle(), candidates, key, attack,
-                                             show_progress=show_progress)
+        target_class=settings.target_class,
+        size=pushes.block_size(config.max_samples), block_store=store,
+        show_progress=show_progress))
+  candidates = user_samples(ctx, config)
+  run = lambda: pushes.push_fraction_first(oracle(), candidates, key, attack,
+                                           show_progress=show_progress)
   return pushes.cached_push(workdir, push_fingerprint(ctx, config, candidates), run)
 
 

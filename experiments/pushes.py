@@ -11,15 +11,17 @@ Two sample rules (docs/protocol.md §4):
   is drawn first; the samples that fail (misclassified, not pushed) are dropped, so
   fewer than N are submitted.
 
-A push is saved as ``attack/pushed-<fingerprint>.npz`` and reused when the model,
-the data and every attack setting match.
+Under the released rule the pushes are saved in fixed blocks,
+``attack/blocks-<fingerprint>/block-<b>.npz``, shared by every fraction; under
+``fraction_first`` a push is saved whole as ``attack/pushed-<fingerprint>.npz``. Both
+are reused when the model, the data and every attack setting match; the latest push
+is also ``attack/pushed.npz``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 import zipfile
@@ -35,8 +37,10 @@ from ounl_jax.attacks import pushing as pushing_lib
 SAMPLE_RULES = ("released", "fraction_first")
 PUSHED_FIELDS = ("images", "labels", "l2", "predicted", "iteration", "success",
                  "status")
-# Extra candidates pushed per round beyond the ones still needed (ZOO fails rarely).
-ROUND_MARGIN = 1.05
+# Correctly classified candidates pushed together under the released rule: blocks
+# do not depend on N, so every fraction reuses the blocks of the others.
+BLOCK_SIZE = 128
+BLOCK_ONLY = ("block_queries", "block_seconds", "fingerprint", "reused")
 
 
 def fingerprint(payload: dict) -> str:
@@ -116,50 +120,69 @@ def _bar_callback(bar, offset: int):
   return on_chunk
 
 
+def block_size(max_samples: int | None) -> int:
+  """Candidates per block: ``BLOCK_SIZE``, or fewer when N is capped (smoke runs)."""
+  return BLOCK_SIZE if max_samples is None else max(1, min(BLOCK_SIZE, max_samples))
+
+
 def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
                   key: jax.Array, attack, *, target_class: int | None,
+                  size: int = BLOCK_SIZE, block_store=None,
                   show_progress: bool = True) -> dict:
   """The released sample rule: push candidates in order until ``requested`` succeed.
 
-  Each round pushes the next correctly classified candidates, as many as are still
-  needed (times ``ROUND_MARGIN``). Returns the rounds' arrays, with
-  ``candidates_tried`` (candidates examined, in order), their clean predictions
-  and the number of screening queries.
+  The correctly classified candidates (one counted query each) are pushed in
+  fixed blocks of ``size``, block ``b`` with key ``fold_in(key, b)``, until
+  ``requested`` are pushed by both methods. A block does not depend on
+  ``requested``, so a run at 10% pushes exactly the first blocks of a run at 50%
+  and ``block_store(b, run)`` (see ``block_cache``) lets every fraction share them.
+  Returns the used blocks' arrays, with ``candidates_tried`` (candidates examined,
+  in order), the misclassified among them and the number of screening queries.
   """
+  block_store = block_store or (lambda block, run: run())
   state = oracle.init()
   predicted, state = labels_lib.oracle_predictions(oracle, state, candidates.images)
   pushable = predicted == candidates.labels
   if target_class is not None:
     pushable &= predicted != target_class
   queue = np.flatnonzero(pushable)
-  rounds, done, position = [], 0, 0
+  blocks, done = [], 0
   bar = common.progress(total=requested, desc="pushing", unit="sample",
                         enabled=show_progress)
-  while done < requested and position < len(queue):
-    size = math.ceil((requested - done) * ROUND_MARGIN)
-    rows = queue[position:position + size]
-    position += len(rows)
-    samples = candidates.take(rows)
-    result = attack.push(oracle, samples.images, samples.labels,
-                         jax.random.fold_in(key, len(rounds)), state,
-                         _bar_callback(bar, done))
-    state = result.oracle_state
-    rounds.append(to_arrays(samples, result))
-    done += int(np.sum(result.pushing_i.success & result.pushing_ii.success))
+  while done < requested and len(blocks) * size < len(queue):
+    block = len(blocks)
+    samples = candidates.take(queue[block * size:(block + 1) * size])
+
+    def run(samples=samples, block=block, offset=done):
+      started = time.time()
+      result = attack.push(oracle, samples.images, samples.labels,
+                           jax.random.fold_in(key, block), oracle.init(),
+                           _bar_callback(bar, offset))
+      return {**to_arrays(samples, result),
+              "block_queries": np.asarray(int(result.oracle_state.queries)),
+              "block_seconds": np.asarray(time.time() - started)}
+
+    arrays = block_store(block, run)
+    blocks.append(arrays)
+    done += int(np.sum(arrays["pushing_i_success"] & arrays["pushing_ii_success"]))
     bar.n = min(done, requested)
     bar.refresh()
   bar.close()
-  if not rounds:
+  if not blocks:
     raise common.UserError(
         f"The model misclassifies all {len(candidates)} training samples of class "
         "A, so none can be pushed; train the model longer (--epochs).")
-  tried = int(queue[position - 1]) + 1
-  arrays = concatenate(rounds)
+  tried = int(queue[min(len(blocks) * size, len(queue)) - 1]) + 1
+  arrays = concatenate([{k: v for k, v in b.items() if k in blocks[0]
+                         and k not in BLOCK_ONLY} for b in blocks])
   arrays.update(candidates_tried=np.asarray(tried),
                 candidates_misclassified=np.asarray(int(np.sum(~pushable[:tried]))),
                 screening_queries=np.asarray(len(candidates)),
-                oracle_queries=np.asarray(int(state.queries)),
-                requested=np.asarray(requested))
+                oracle_queries=np.asarray(int(state.queries) + sum(
+                    int(b["block_queries"]) for b in blocks)),
+                requested=np.asarray(requested), blocks=np.asarray(len(blocks)),
+                seconds=np.asarray(sum(float(b["block_seconds"]) for b in blocks)),
+                reused=np.asarray(all(bool(b.get("reused", False)) for b in blocks)))
   return arrays
 
 
@@ -220,6 +243,26 @@ def statistics(pushed: dict) -> dict:
         "status_counts": {str(s): int(c) for s, c in zip(statuses, counts)},
     }
   return stats
+
+
+def block_cache(workdir: str, key: str):
+  """A ``block_store`` for ``push_released``: ``attack/blocks-<key>/block-<b>.npz``."""
+  def store(block: int, run) -> dict:
+    path = os.path.join(workdir, "attack", f"blocks-{key}", f"block-{block:04d}.npz")
+    saved = load(path, key)
+    if saved is not None:
+      saved["reused"] = True
+      return saved
+    arrays = run()
+    save(path, {**arrays, "fingerprint": np.asarray(key)})
+    return arrays
+  return store
+
+
+def latest(workdir: str, arrays: dict) -> dict:
+  """Saves ``arrays`` as ``attack/pushed.npz`` (the latest push) and returns them."""
+  save(os.path.join(workdir, "attack", "pushed.npz"), arrays)
+  return arrays
 
 
 def cached_push(workdir: str, key: str, run) -> dict:
