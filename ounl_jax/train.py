@@ -9,6 +9,15 @@ best weights are restored.
 ``train_epoch`` and ``evaluate`` are thin host loops over them (no printing: pass
 ``on_batch`` to drive a progress bar). ``EarlyStopping`` follows optax's
 ``init``/``update`` shape.
+
+Devices (``ounl_jax/devices.py``): ``make_train_step`` is data-parallel over
+``devices.sample_mesh()`` (default every device): each batch is split row-wise over
+the devices, the parameters, BatchNorm statistics and optimiser state are
+replicated, and XLA sums the gradients (and BatchNorm's batch moments) across
+devices, so a step means the same as on one device (the global batch of 64,
+docs/protocol.md §3) up to float32 summation order. The batch size must be a
+multiple of the device count. On one device the step is the single-device program,
+bit-identical to the code before sharding.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ounl_jax import devices as devices_lib
 from ounl_jax.models import Model
 
 
@@ -76,10 +86,34 @@ def train_step(state: TrainState, images, labels, key, *, model: Model,
           {"loss": loss, "correct": correct})
 
 
-def make_train_step(model: Model, optimizer: optax.GradientTransformation):
-  """``train_step`` jitted for ``model``/``optimizer``, donating the state."""
-  return jax.jit(functools.partial(train_step, model=model, optimizer=optimizer),
-                 donate_argnums=0)
+def make_train_step(model: Model, optimizer: optax.GradientTransformation, *,
+                    mesh=None):
+  """``train_step`` jitted for ``model``/``optimizer``, donating the state.
+
+  ``mesh``: the devices a batch is split over (default ``devices.sample_mesh()``,
+  every device). On several devices the jitted step takes the images and labels
+  split row-wise and the state and key replicated, and returns the state and the
+  metrics replicated (``in_shardings``/``out_shardings``); host arrays are placed
+  by the call itself. A state not yet on the mesh (a fresh or restored one) is
+  replicated first, so that the first and every later call share one compilation
+  (the jitted function is the returned function's ``jitted``). On one device it
+  is the plain single-device ``jit``.
+  """
+  step = functools.partial(train_step, model=model, optimizer=optimizer)
+  mesh = devices_lib.sample_mesh() if mesh is None else mesh
+  if not devices_lib.is_sharded(mesh):
+    return jax.jit(step, donate_argnums=0)
+  rows, copy = devices_lib.row_sharding(mesh), devices_lib.replicated(mesh)
+  jitted = jax.jit(step, donate_argnums=0, in_shardings=(copy, rows, rows, copy),
+                   out_shardings=(copy, copy))
+
+  def sharded_step(state: TrainState, images, labels, key):
+    if getattr(state.step, "sharding", None) != copy:
+      state = devices_lib.replicate(state, mesh)
+    return jitted(state, images, labels, key)
+
+  sharded_step.jitted = jitted
+  return sharded_step
 
 
 def eval_step(variables, images, labels, mask, *, model: Model):

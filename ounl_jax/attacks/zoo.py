@@ -43,6 +43,19 @@ oracle call passes the per-image mask of active samples, so the oracle neither
 answers nor counts them: ``oracle_state.queries`` grows by exactly
 ``sum(queries)``.
 
+Devices (``ounl_jax/devices.py``): the samples axis of the chunk is split over a
+1-D mesh (``devices.sample_mesh()``, default every device of ``jax.devices()``):
+the per-sample state and therefore the ``S * (2B + 1)`` probe images are sharded
+row-wise, the server's parameters and the query counter are replicated, and the
+compiled batch is a multiple of the device count (extra rows are padding: done,
+masked, never counted). Inside the chunk the state and the probes are constrained
+to that layout, so every device evaluates the model on its own samples' probes and
+only the query total and the "all done?" test cross devices. On one device none of
+this applies and the chunk is the single-device program, bit-identical to the code
+before sharding. A sample's values do not depend on the device count as long as the
+server's float32 answers do not depend on the per-device batch (tested bit for bit
+on forced host devices, ``tests/test_sharding.py``).
+
 Gradient estimators (``ZooSettings.estimator``): ``coordinates`` (default) is the
 released coordinate-wise ZOO above. ``directions`` (not in the paper or the released
 code; ``query_efficient_settings()``) estimates the whole gradient from q antithetic
@@ -68,6 +81,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ounl_jax import devices as devices_lib
 from ounl_jax import oracle as oracle_lib
 
 SOLVERS = ("adam", "descent")
@@ -618,12 +632,14 @@ def _track(state: ZooState, active, centre, probe: ProbeLoss,
 
 
 def zoo_step(state: ZooState, oracle_state: oracle_lib.OracleState, *,
-             oracle: oracle_lib.Oracle, settings: ZooSettings):
+             oracle: oracle_lib.Oracle, settings: ZooSettings, mesh=None):
   """One ZOO iteration of every active sample, with one flat oracle call.
 
   Order per sample, as the released ``attack_batch``: query the ``2B + 1`` probes
   at x^(k); update the drawn coordinates; reset ADAM at the first success; record
   x^(k) for Pushing-I/II; check early abort; stop at the first crossing if asked.
+  With a multi-device ``mesh`` the probe images stay split by sample over it
+  (``devices.constrain_rows``).
 
   Returns:
     ``(state, oracle_state)``.
@@ -643,10 +659,11 @@ def zoo_step(state: ZooState, oracle_state: oracle_lib.OracleState, *,
     probes, probe_values = jax.vmap(functools.partial(
         probe_images, settings=settings))(state.modifier, state.anchor, coordinates)
   per_sample = settings.queries_per_iteration
+  flat = devices_lib.constrain_rows(
+      probes.reshape((count * per_sample,) + oracle.input_shape), mesh)
   # Only active samples' probes are answered and counted (docs/protocol.md §19).
-  answers, oracle_state = oracle.query(
-      oracle_state, probes.reshape((count * per_sample,) + oracle.input_shape),
-      jnp.repeat(active, per_sample))
+  answers, oracle_state = oracle.query(oracle_state, flat,
+                                       jnp.repeat(active, per_sample))
   answers = answers.reshape(count, per_sample, -1)
   if settings.estimator == "directions":
     probe = jax.vmap(functools.partial(direction_gradient, settings=settings))(
@@ -686,8 +703,12 @@ def zoo_step(state: ZooState, oracle_state: oracle_lib.OracleState, *,
 
 
 def zoo_run_chunk(state: ZooState, oracle_state: oracle_lib.OracleState, *,
-                  oracle: oracle_lib.Oracle, settings: ZooSettings):
-  """Up to ``iterations_per_chunk`` steps; stops as soon as every sample is done."""
+                  oracle: oracle_lib.Oracle, settings: ZooSettings, mesh=None):
+  """Up to ``iterations_per_chunk`` steps; stops as soon as every sample is done.
+
+  ``mesh``: a multi-device ``devices.sample_mesh`` keeps the state's rows split
+  over it (the batch must be a multiple of its size); None on one device.
+  """
 
   def running(carry):
     state, _, i = carry
@@ -696,8 +717,8 @@ def zoo_run_chunk(state: ZooState, oracle_state: oracle_lib.OracleState, *,
   def body(carry):
     state, oracle_state, i = carry
     state, oracle_state = zoo_step(state, oracle_state, oracle=oracle,
-                                   settings=settings)
-    return state, oracle_state, i + 1
+                                   settings=settings, mesh=mesh)
+    return devices_lib.constrain_rows(state, mesh), oracle_state, i + 1
 
   state, oracle_state, _ = jax.lax.while_loop(
       running, body, (state, oracle_state, jnp.zeros((), jnp.int32)))
@@ -706,16 +727,22 @@ def zoo_run_chunk(state: ZooState, oracle_state: oracle_lib.OracleState, *,
 
 # One jitted chunk for every oracle: the oracle is static without its server (its
 # parameters travel in the OracleState), so oracles over the same model share it.
-_run_chunk = jax.jit(zoo_run_chunk, static_argnames=("oracle", "settings"))
+_run_chunk = jax.jit(zoo_run_chunk, static_argnames=("oracle", "settings", "mesh"))
 
 
-def compiled_chunk(oracle: oracle_lib.Oracle, settings: ZooSettings):
+def compiled_chunk(oracle: oracle_lib.Oracle, settings: ZooSettings, mesh=None):
   """``run(state, oracle_state)``: ``zoo_run_chunk`` jitted for these settings.
 
   Two oracles built by ``make_oracle(apply, parameters)`` with the same ``apply``
   share one compilation per batch shape; the parameters are jit arguments.
+  ``mesh``: a multi-device ``devices.sample_mesh`` whose layout the chunk keeps
+  (pass the state through ``devices.shard_rows`` and the oracle state through
+  ``devices.replicate``); None (default) is the single-device program.
   """
-  return functools.partial(_run_chunk, oracle=oracle.static(), settings=settings)
+  if not devices_lib.is_sharded(mesh):
+    mesh = None
+  return functools.partial(_run_chunk, oracle=oracle.static(), settings=settings,
+                           mesh=mesh)
 
 
 class ZooProgress(NamedTuple):
@@ -748,22 +775,26 @@ def _concatenate(states) -> ZooState:
   return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *states)
 
 
-def batch_size_for(count: int, slots: int) -> int:
-  """The compiled batch for ``count`` live samples: a power of two, at most ``slots``.
+def batch_size_for(count: int, slots: int, devices: int = 1) -> int:
+  """The compiled batch for ``count`` live samples: a power of two, at most ``slots``,
+  rounded up to a multiple of ``devices``.
 
   Rounding to powers of two bounds the number of compilations by log2(slots) + 1
-  while the padding (done rows) stays below ``count``.
+  while the padding (done rows) stays below ``count`` (plus the rounding to the
+  device count; ``slots`` is itself a multiple of ``devices``).
   """
   size = 1
   while size < count:
     size *= 2
-  return min(size, slots)
+  size = min(size, slots)
+  return -(-size // devices) * devices
 
 
 def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
                settings: ZooSettings, *, targets=None, active=None,
                oracle_state: oracle_lib.OracleState | None = None,
-               on_chunk: Callable[[ZooProgress], None] | None = None) -> ZooResult:
+               on_chunk: Callable[[ZooProgress], None] | None = None,
+               mesh=None) -> ZooResult:
   """Runs ZOO on all samples with at most ``sample_chunk_size`` in flight.
 
   Between compiled chunks of ``iterations_per_chunk`` iterations the host collects
@@ -783,6 +814,11 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
       returned as initialised (done, no query).
     oracle_state: the user's query count so far (default ``oracle.init()``).
     on_chunk: called with a ``ZooProgress`` after every compiled chunk.
+    mesh: the devices the samples are split over (default
+      ``devices.sample_mesh()``, every device; one device runs the single-device
+      program). On n devices the samples in flight are ``sample_chunk_size``
+      rounded up to a multiple of n, and every compiled batch is a multiple of n
+      (padding rows are done and never counted).
 
   Returns:
     ``ZooResult(state, oracle_state)`` with the samples in input order.
@@ -810,7 +846,11 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
   active = (np.ones((total,), bool) if active is None
             else np.asarray(active, bool))
   oracle_state = oracle.init() if oracle_state is None else oracle_state
-  run = compiled_chunk(oracle, settings)
+  mesh = devices_lib.sample_mesh() if mesh is None else mesh
+  sharded = devices_lib.is_sharded(mesh)
+  devices = devices_lib.device_count(mesh) if sharded else 1
+  slots = -(-settings.sample_chunk_size // devices) * devices
+  run = compiled_chunk(oracle, settings, mesh if sharded else None)
 
   def init(ids, live=True):
     ids = np.asarray(ids, np.int64)
@@ -835,17 +875,17 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
         finished.append((rows[over], _to_host(_take(batch, over))))
         done_count += len(over)
         rows = np.where(done, -1, rows)
-    room = settings.sample_chunk_size - int(live.sum())
+    room = slots - int(live.sum())
     new, waiting = waiting[:room], waiting[room:]
     count = int(live.sum()) + len(new)
     if count == 0:
       break
     if waiting:
-      size = settings.sample_chunk_size
+      size = slots
     elif batch is None:
-      size = count
+      size = -(-count // devices) * devices
     else:  # Only ever shrink once nothing waits: no recompilation to grow.
-      size = min(len(rows), batch_size_for(count, settings.sample_chunk_size))
+      size = min(len(rows), batch_size_for(count, slots, devices))
     if batch is None or new or size != len(rows):
       keep = np.flatnonzero(live)
       parts = [_take(batch, keep)] if len(keep) else []
@@ -857,6 +897,9 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
       batch = _concatenate(parts)
       rows = np.concatenate([rows[keep], np.asarray(new, np.int64),
                              np.full(size - count, -1, np.int64)])
+    if sharded:  # No copy when the layout is already right (every unchanged chunk).
+      batch = devices_lib.shard_rows(batch, mesh)
+      oracle_state = devices_lib.replicate(oracle_state, mesh)
     batch, oracle_state = run(batch, oracle_state)
     oracle_lib.check_budget(oracle, oracle_state)
     if on_chunk is not None:
