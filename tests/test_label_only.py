@@ -202,3 +202,40 @@ def test_oracle_with_parameters_as_arguments(tiny_model):
   assert result.pushing_ii.success.all()
   assert result.oracle_queries == int(result.queries.sum())
   assert (fresh_labels(oracle, result.pushing_ii.images) != labels).all()
+
+
+def test_low_frequency_directions_cross_with_exact_counts(tiny_model):
+  """Directions on a coarse grid (direction_resolution) and a short bisection."""
+  oracle = make_oracle(tiny_model)
+  images, labels, others, _ = user_data(tiny_model)
+  settings = dataclasses.replace(SETTINGS, direction_resolution=4,
+                                 binary_search_steps=8, step_candidates=2)
+  start_only = dataclasses.replace(settings, max_iterations=0)
+  before = label_only.label_only_push(oracle, images, labels, jax.random.key(0),
+                                      start_only, start_images=others)
+  result = label_only.label_only_push(oracle, images, labels, jax.random.key(0),
+                                      settings, start_images=others)
+  assert result.pushing_ii.success.all() and result.pushing_i.success.all()
+  assert (fresh_labels(oracle, result.pushing_ii.images) != labels).all()
+  np.testing.assert_array_equal(fresh_labels(oracle, result.pushing_i.images),
+                                labels)
+  # The tiny task's class means are per-pixel noise, so a coarse subspace holds
+  # little of the normal: the walk still never moves away and does move closer.
+  assert (result.pushing_ii.l2 <= before.pushing_ii.l2 + 1e-5).all()
+  assert np.median(result.pushing_ii.l2 / before.pushing_ii.l2) < 0.99
+  dim = int(np.prod(SHAPE))
+  expected = (settings.start_queries() + 8
+              + result.iterations * settings.iteration_queries(dim))
+  np.testing.assert_array_equal(result.attack_queries, expected)
+  assert result.oracle_queries == int(result.queries.sum())
+
+
+def test_query_efficient_settings_budget():
+  settings = label_only.query_efficient_settings()
+  dim = 32 * 32 * 3
+  per_sample = (1 + settings.start_queries() + settings.search_steps(dim)
+                + settings.max_iterations * settings.iteration_queries(dim) + 2)
+  assert per_sample == 401
+  assert label_only.query_efficient_settings(max_iterations=2).max_iterations == 2
+  with pytest.raises(ValueError, match="direction_resolution"):
+    label_only.LabelOnlySettings(direction_resolution=0)
