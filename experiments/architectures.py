@@ -5,11 +5,11 @@
 table: one model trained per architecture in ``WORKDIR/<model>``, pushing at 10%.
 """
 
-from experiments import common
+from absl import flags
+
+from experiments import cli
 from experiments import reproduce
 
-reproduce.FLAGS.set_default("table", "VIII")
-
-
 if __name__ == "__main__":
-  common.run_main(reproduce.main)
+  reproduce.define_flags(flags.FLAGS, table="VIII")
+  cli.run_main(reproduce.main)

@@ -1,77 +1,38 @@
-"""The black-box attackers the pushing experiment runs, chosen by name (``--attack``).
+"""The attacks, chosen by name (``--attack``): each makes the user's submissions.
 
-Each returns a ``pushing.PushResult`` (Pushing-I and Pushing-II submissions), so the
-sample rule, the conditions and the reports are shared:
+An attack is ``attack(ctx, config, workdir, *, show_progress) ->
+pipeline.Submissions``: ``{condition: (images, labels)}`` (``normal`` first, the
+same ids unmodified) plus its statistics; ``experiments.runner`` has a fresh
+server unlearn and evaluate each submission (``pipeline.run_conditions``).
 
-* ``zoo``: the paper's coordinate ZOO-ADAM with the released settings (Sec. III-C).
-* ``zoo_directions``: ZOO with the query-efficient random-direction estimator.
-* ``label_only``: decision-based pushing on the oracle's labels (HopSkipJump-style).
+Every attack but one receives only the oracle (``pipeline.new_server(...).oracle()``):
 
-Adding an attacker is one function here and one line in ``ATTACKS``.
+* ``zoo``, ``zoo_directions``, ``label_only``: pushing (Sec. III-C) under the
+  sample rule, with the pusher of ``experiments/pushers.py``;
+* ``blending``: Eq. 1 (Sec. III-B);
+* ``transfer``: gradient through unlearning against the user's own surrogate;
+* ``unlearning_gradient``: **white-box**, it receives the server's model and
+  parameters: the upper bound, breaking the black-box boundary on purpose.
+
+Adding an attack is one module and one line here.
+
+>>> sorted(ATTACKS)[:3]
+['blending', 'label_only', 'transfer']
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, NamedTuple
+from experiments import blend_attack
+from experiments import gradient_attack
+from experiments import push_attack
 
-import numpy as np
-
-from ounl_jax.attacks import label_only
-from ounl_jax.attacks import pushing as pushing_lib
-from ounl_jax.attacks import zoo
-
-
-class Attacker(NamedTuple):
-  """``push(oracle, images, labels, key, oracle_state, on_chunk) -> PushResult``."""
-
-  oracle_output: str
-  push: Callable[..., pushing_lib.PushResult]
-
-
-def _zoo(settings: pushing_lib.PushSettings, start_images) -> Attacker:
-  del start_images
-
-  def push(oracle, images, labels, key, oracle_state, on_chunk):
-    return pushing_lib.push(oracle, images, labels, key, settings,
-                            oracle_state=oracle_state, on_chunk=on_chunk)
-  return Attacker("probabilities", push)
-
-
-def _zoo_directions(settings: pushing_lib.PushSettings, start_images) -> Attacker:
-  released = settings.zoo
-  efficient = zoo.query_efficient_settings(
-      max_iterations=released.max_iterations,
-      iterations_per_chunk=released.iterations_per_chunk,
-      sample_chunk_size=released.sample_chunk_size)
-  return _zoo(dataclasses.replace(settings, zoo=efficient), start_images)
-
-
-def _label_only(settings: pushing_lib.PushSettings, start_images) -> Attacker:
-  walk = label_only.LabelOnlySettings(
-      target_class=settings.target_class, max_l2=settings.max_l2,
-      label_mode=settings.label_mode,
-      sample_chunk_size=settings.zoo.sample_chunk_size)
-
-  def push(oracle, images, labels, key, oracle_state, on_chunk):
-    del on_chunk
-    return label_only.label_only_push(oracle, images, labels, key, walk,
-                                      start_images=start_images,
-                                      oracle_state=oracle_state)
-  return Attacker("labels", push)
-
-
-ATTACKS = {"zoo": _zoo, "zoo_directions": _zoo_directions,
-           "label_only": _label_only}
-
-
-def start_images(pool_images, pool_labels, class_a: int, target: int | None,
-                 count: int = 256) -> np.ndarray:
-  """Images the user holds of another class (of the target, when targeted)."""
-  keep = pool_labels == target if target is not None else pool_labels != class_a
-  return np.asarray(pool_images[np.flatnonzero(keep)[:count]])
-
-
-def make(name: str, settings: pushing_lib.PushSettings, start: np.ndarray
-         ) -> Attacker:
-  return ATTACKS[name](settings, start)
+ATTACKS = {
+    "zoo": push_attack.pushing,
+    "zoo_directions": push_attack.pushing,
+    "label_only": push_attack.pushing,
+    "blending": blend_attack.blending,
+    "unlearning_gradient": gradient_attack.white_box,
+    "transfer": gradient_attack.transfer,
+}
+# Attacks that push under a sample rule and share the push cache.
+PUSHING = ("zoo", "zoo_directions", "label_only")

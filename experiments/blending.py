@@ -8,14 +8,17 @@ Table XI, Fig. 8 (``--fraction``, ``--blend_class``). Writes WORKDIR/results.jso
 results.md and figures; the last line printed is the path of results.json.
 """
 
-from experiments import common
+from absl import flags
+
+from experiments import cli
 from experiments import runner
 
 
 def main(argv):
   del argv
-  print(runner.run("blending"))
+  runner.main(flags.FLAGS, attack="blending")
 
 
 if __name__ == "__main__":
-  common.run_main(main)
+  cli.define_experiment_flags(flags.FLAGS)
+  cli.run_main(main)

@@ -5,14 +5,17 @@
 the wrong classes and fine-tunes with SGD (docs/protocol.md §6).
 """
 
-from experiments import common
+from absl import flags
+
+from experiments import cli
 from experiments import runner
 
 
 def main(argv):
   del argv
-  print(runner.run("pushing", unlearning="fine_tune"))
+  runner.main(flags.FLAGS, unlearning="fine_tune")
 
 
 if __name__ == "__main__":
-  common.run_main(main)
+  cli.define_experiment_flags(flags.FLAGS)
+  cli.run_main(main)

@@ -1,7 +1,7 @@
 """The paper's tables and figures as grids of runs, with the paper's numbers.
 
-Each entry of ``TABLES`` says which runs a table needs (``grid``: point name,
-experiment, ``AttackConfig`` overrides) and how to put the paper's numbers beside
+Each entry of ``TABLES`` says which runs a table needs (``grid``: point name and
+the settings it overrides, by flag name: ``configs.override``) and how to put the paper's numbers beside
 the measured ones (``report``). The numbers are those of docs/protocol.md §14, in
 percent.
 """
@@ -47,7 +47,7 @@ PAPER = {
 
 
 class Table(NamedTuple):
-  grid: Callable[[], list[tuple[str, str, dict]]]
+  grid: Callable[[], list[tuple[str, dict]]]
   report: Callable[[str, dict], list[str]]
   models: tuple[str, ...] | None = None   # None: the --model flag's.
   dataset: str | None = None              # The paper's dataset, when fixed.
@@ -68,7 +68,7 @@ def _header(names) -> list[str]:
 
 
 def _fraction(results: dict) -> float:
-  return results["config"]["attack"]["fraction"]
+  return results["config"]["samples"]["fraction"]
 
 
 def _class_a_line(measured: dict) -> list[str]:
@@ -181,48 +181,49 @@ def _iv_paper(table):
   return paper_of
 
 
+BLEND = {"attack": "blending"}
 REGIMES = {"eq13": {"reference_code": False}, "released": {"reference_code": True}}
 
 TABLES = {
-    "III": Table(lambda: [(f"fraction_{f}_ratio_{r}", "blending",
-                           {"fraction": f, "blend_ratio": r})
+    "III": Table(lambda: [(f"fraction_{f}_ratio_{r}",
+                           {**BLEND, "fraction": f, "blend_ratio": r})
                           for f in (0.1, 0.5) for r in (0.3, 0.5)],
                  blending_drop_report(lambda r: (_fraction(r),
                                                  r["blend_ratio"]), "III")),
-    "IV": Table(lambda: [(f"fraction_{f}_{name}", "pushing",
+    "IV": Table(lambda: [(f"fraction_{f}_{name}",
                           {"fraction": f, **regime})
                          for f in (0.1, 0.5) for name, regime in REGIMES.items()],
                 overall_report(_iv_paper("IV"))),
-    "V": Table(lambda: [(f"fraction_{f}_to_cat", "pushing",
+    "V": Table(lambda: [(f"fraction_{f}_to_cat",
                          {"fraction": f, "target_class": "cat"})
                         for f in (0.1, 0.5)],
                histogram_report("V", "cat")),
-    "VI": Table(lambda: [(f"fraction_{f}_to_sweet_pepper", "pushing",
+    "VI": Table(lambda: [(f"fraction_{f}_to_sweet_pepper",
                           {"fraction": f, "target_class": "sweet_pepper"})
                          for f in (0.1, 0.5)],
                 histogram_report("VI", "sweet_pepper"), dataset="cifar100"),
-    "VII": Table(lambda: [(c, "blending", {"fraction": 0.5, "blend_ratio": 0.3,
-                                           "blend_class": c})
+    "VII": Table(lambda: [(c, {**BLEND, "fraction": 0.5, "blend_ratio": 0.3,
+                                "blend_class": c})
                           for c in ("bird", "horse", "ship")], table_vii_report),
-    "VIII": Table(lambda: [("fraction_0.1", "pushing", {"fraction": 0.1})],
+    "VIII": Table(lambda: [("fraction_0.1", {"fraction": 0.1})],
                   overall_report(lambda d, p, r: PAPER["VIII"].get(p.split("/")[0])),
                   models=("vgg3", "resnet")),
-    "IX": Table(lambda: [("fraction_0.1", "pushing", {"fraction": 0.1})],
+    "IX": Table(lambda: [("fraction_0.1", {"fraction": 0.1})],
                 overall_report(lambda d, p, r: PAPER["IX"].get(p.split("/")[0])),
                 models=("vgg3", "vgg4", "vgg5")),
-    "X": Table(lambda: [(c, "pushing", {"unlearn_class": c})
+    "X": Table(lambda: [(c, {"unlearn_class": c})
                         for c in ("bird", "horse", "ship")],
                overall_report(lambda d, p, r: PAPER["X"].get(p))),
-    "XI": Table(lambda: [(f"fraction_{f}", "blending", {"fraction": f})
+    "XI": Table(lambda: [(f"fraction_{f}", {**BLEND, "fraction": f})
                          for f in (0.1, 0.5)], table_xi_report),
-    "XII": Table(lambda: [(f"fraction_{f}", "pushing",
+    "XII": Table(lambda: [(f"fraction_{f}",
                            {"fraction": f, "unlearning": "fine_tune"})
                           for f in (0.1, 0.5)],
                  overall_report(_iv_paper("XII"))),
-    "fig5": Table(lambda: [(f"fraction_{f}", "pushing", {"fraction": f})
+    "fig5": Table(lambda: [(f"fraction_{f}", {"fraction": f})
                            for f in (0.1, 0.5)], fig5_report),
-    "fig8": Table(lambda: [(f"fraction_{f}", "blending", {"fraction": f})
+    "fig8": Table(lambda: [(f"fraction_{f}", {**BLEND, "fraction": f})
                            for f in FRACTIONS], sweep_report("blending")),
-    "fig10": Table(lambda: [(f"fraction_{f}", "pushing", {"fraction": f})
+    "fig10": Table(lambda: [(f"fraction_{f}", {"fraction": f})
                             for f in FRACTIONS], sweep_report("pushing")),
 }

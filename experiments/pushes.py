@@ -11,20 +11,12 @@ Two sample rules (docs/protocol.md §4):
   is drawn first; the samples that fail (misclassified, not pushed) are dropped, so
   fewer than N are submitted.
 
-Under the released rule the pushes are saved in fixed blocks,
-``attack/blocks-<fingerprint>/block-<b>.npz``, shared by every fraction; under
-``fraction_first`` a push is saved whole as ``attack/pushed-<fingerprint>.npz``. Both
-are reused when the model, the data and every attack setting match; the latest push
-is also ``attack/pushed.npz``.
+Pushes are saved and reused by ``experiments/push_cache.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
-import zipfile
 
 import jax
 import numpy as np
@@ -41,12 +33,6 @@ PUSHED_FIELDS = ("images", "labels", "l2", "predicted", "iteration", "success",
 # do not depend on N, so every fraction reuses the blocks of the others.
 BLOCK_SIZE = 128
 BLOCK_ONLY = ("block_queries", "block_seconds", "fingerprint", "reused")
-
-
-def fingerprint(payload: dict) -> str:
-  """A short hash of everything a push depends on (model, data, ids, settings)."""
-  text = json.dumps(payload, sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def to_arrays(samples: data_lib.LabelledImages, result: pushing_lib.PushResult
@@ -69,28 +55,6 @@ def to_arrays(samples: data_lib.LabelledImages, result: pushing_lib.PushResult
 
 def concatenate(rounds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {k: np.concatenate([r[k] for r in rounds]) for k in rounds[0]}
-
-
-def save(path: str, arrays: dict) -> None:
-  """Writes a push atomically (a crash never leaves half a file)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
-  os.replace(tmp, path)
-
-
-def load(path: str, key: str) -> dict | None:
-  """The saved push if it has fingerprint ``key``; None if absent or unreadable."""
-  if not os.path.exists(path):
-    return None
-  try:
-    with np.load(path) as saved:
-      if str(saved["fingerprint"]) != key:
-        return None
-      return {k: saved[k] for k in saved.files}
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-    common.warn(f"{path} is unreadable ({type(error).__name__}); pushing again.")
-    return None
 
 
 def requested_count(train: data_lib.LabelledImages, class_a: int, fraction: float,
@@ -243,40 +207,3 @@ def statistics(pushed: dict) -> dict:
         "status_counts": {str(s): int(c) for s, c in zip(statuses, counts)},
     }
   return stats
-
-
-def block_cache(workdir: str, key: str):
-  """A ``block_store`` for ``push_released``: ``attack/blocks-<key>/block-<b>.npz``."""
-  def store(block: int, run) -> dict:
-    path = os.path.join(workdir, "attack", f"blocks-{key}", f"block-{block:04d}.npz")
-    saved = load(path, key)
-    if saved is not None:
-      saved["reused"] = True
-      return saved
-    arrays = run()
-    save(path, {**arrays, "fingerprint": np.asarray(key)})
-    return arrays
-  return store
-
-
-def latest(workdir: str, arrays: dict) -> dict:
-  """Saves ``arrays`` as ``attack/pushed.npz`` (the latest push) and returns them."""
-  save(os.path.join(workdir, "attack", "pushed.npz"), arrays)
-  return arrays
-
-
-def cached_push(workdir: str, key: str, run) -> dict:
-  """The saved push with fingerprint ``key``, or ``run()``'s, saved (timed)."""
-  path = os.path.join(workdir, "attack", f"pushed-{key}.npz")
-  saved = load(path, key)
-  if saved is not None:
-    saved["reused"] = True
-    return saved
-  started = time.time()
-  arrays = run()
-  arrays.update(fingerprint=np.asarray(key), seconds=np.asarray(time.time() - started))
-  save(path, arrays)
-  save(os.path.join(workdir, "attack", "pushed.npz"), arrays)
-  arrays = {k: np.asarray(v) for k, v in arrays.items()}
-  arrays["reused"] = False
-  return arrays

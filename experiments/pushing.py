@@ -11,14 +11,17 @@ Table X (``--unlearn_class=bird``), Tables V-VI (``--target_class=cat``) and Tab
 the last line printed is the path of results.json.
 """
 
-from experiments import common
+from absl import flags
+
+from experiments import cli
 from experiments import runner
 
 
 def main(argv):
   del argv
-  print(runner.run("pushing"))
+  runner.main(flags.FLAGS)
 
 
 if __name__ == "__main__":
-  common.run_main(main)
+  cli.define_experiment_flags(flags.FLAGS)
+  cli.run_main(main)

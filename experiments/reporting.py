@@ -111,7 +111,7 @@ def markdown(results: dict) -> str:
       f"Model {train['model']} (width {train['width'] or 'paper'}, "
       f"{clean['num_params']:,} parameters), clean train accuracy "
       f"{pct(clean['train_accuracy'])}, test accuracy {pct(clean['test_accuracy'])}. "
-      f"Class A: {results['class_a']}, fraction {config['attack']['fraction']}, "
+      f"Class A: {results['class_a']}, fraction {config['samples']['fraction']}, "
       f"unlearning: {results['unlearning']} {results['unlearning_settings']}.",
       "",
       "## Test accuracy (Table IV / Fig. 5 layout; arrows: change vs normal "

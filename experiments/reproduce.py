@@ -21,39 +21,39 @@ import os
 
 from absl import flags
 
+from experiments import cli
 from experiments import common
+from experiments import configs
 from experiments import paper_tables
 from experiments import pipeline
 from experiments import reporting
 from experiments import runner
 from experiments import validation
 
-FLAGS = common.FLAGS
-flags.DEFINE_enum("table", "IV", list(paper_tables.TABLES),
-                  "Which table (or figure: fig5, fig8, fig10) of the paper to "
-                  "reproduce.")
+
+def define_flags(fv, *, table: str = "IV") -> None:
+  """The experiments' flags and ``--table`` (entry modules only)."""
+  cli.define_experiment_flags(fv)
+  flags.DEFINE_enum("table", table, list(paper_tables.TABLES),
+                    "Which table (or figure: fig5, fig8, fig10) of the paper to "
+                    "reproduce.", flag_values=fv)
 
 
-def run_point(ctx, config, experiment: str, directory: str, model_dir: str) -> dict:
+def run_point(ctx: pipeline.Context, config: configs.ExperimentConfig,
+              directory: str, model_dir: str, show_progress: bool) -> dict:
   """Runs a grid point, or reuses its results.json if the config matches.
 
   Pushes are cached in ``model_dir``, so points (and tables) that push the same
   samples with the same settings share one push.
   """
   path = os.path.join(directory, "results.json")
-  wanted = common.to_jsonable({"train": ctx.train_config.to_dict(),
-                               "attack": config.to_dict()})
   if os.path.exists(path):
     saved = common.read_json(path)
-    if saved.get("config") == wanted:
+    if saved.get("config") == common.to_jsonable(config.to_dict()):
       return saved
   os.makedirs(directory, exist_ok=True)
-  if experiment == "pushing":
-    results = pipeline.run_pushing(ctx, config, model_dir,
-                                   show_progress=FLAGS.progress)
-  else:
-    results = pipeline.run_blending(ctx, config)
-  results = common.to_jsonable(pipeline.stamp(results, ctx.train_config, config))
+  results = runner.run_experiment(ctx, config, model_dir,
+                                  show_progress=show_progress)
   runner.write_results(results, directory)
   return results
 
@@ -70,41 +70,47 @@ def report(table: str, dataset: str, measured: dict) -> list[str]:
   return lines
 
 
-def check_flags(table: str, base) -> None:
-  """Every grid point's flags, before any model is trained."""
+def check(table: str, base: configs.ExperimentConfig, workdir: str) -> None:
+  """Every grid point's settings, before any model is trained."""
   wanted = paper_tables.TABLES[table].dataset
-  if wanted is not None and FLAGS.dataset != wanted:
+  if wanted is not None and base.train.dataset != wanted:
     raise common.UserError(f"--table={table} is the paper's {wanted} table; run "
                            f"it with --dataset={wanted}.")
-  spec = validation.check_train(common.train_config_from_flags())
-  for _, _, overrides in paper_tables.TABLES[table].grid():
-    validation.check_attack(spec, dataclasses.replace(base, **overrides))
-  validation.check_workdir(FLAGS.workdir)
+  for _, overrides in paper_tables.TABLES[table].grid():
+    validation.check_experiment(configs.override(base, **overrides))
+  validation.check_workdir(workdir)
 
 
-def main(argv):
-  del argv
-  common.quiet_logs()
-  table = FLAGS.table
+def measure(table: str, base: configs.ExperimentConfig, workdir: str, *,
+            data_dir: str | None, show_progress: bool) -> dict:
+  """Every grid point of ``table``, one trained model per architecture."""
   spec = paper_tables.TABLES[table]
-  base = pipeline.attack_config_from_flags()
-  check_flags(table, base)
-  root = os.path.join(FLAGS.workdir, f"table_{table}")
-  models = spec.models or (FLAGS.model,)
+  models = spec.models or (base.train.model,)
+  root = os.path.join(workdir, f"table_{table}")
   measured = {}
   for model in models:
-    train_config = dataclasses.replace(common.train_config_from_flags(), model=model)
-    model_dir = FLAGS.workdir if len(models) == 1 else os.path.join(FLAGS.workdir,
-                                                                   model)
-    ctx = pipeline.prepare(train_config, model_dir, data_dir=FLAGS.data_dir,
-                           show_progress=FLAGS.progress)
-    for point, experiment, overrides in common.progress(
-        spec.grid(), desc=f"table {table} ({model})", enabled=FLAGS.progress):
+    train_config = dataclasses.replace(base.train, model=model)
+    model_dir = workdir if len(models) == 1 else os.path.join(workdir, model)
+    ctx = pipeline.prepare(train_config, model_dir, data_dir=data_dir,
+                           show_progress=show_progress)
+    for point, overrides in common.progress(
+        spec.grid(), desc=f"table {table} ({model})", enabled=show_progress):
       name = point if len(models) == 1 else f"{model}/{point}"
-      config = dataclasses.replace(base, **overrides)
+      config = configs.override(base, model=model, **overrides)
       measured[model if spec.models else name] = run_point(
-          ctx, config, experiment, os.path.join(root, name), model_dir)
-  lines = report(table, FLAGS.dataset, measured)
+          ctx, config, os.path.join(root, name), model_dir, show_progress)
+  return measured
+
+
+def run(table: str, base: configs.ExperimentConfig, workdir: str, *,
+        data_dir: str | None = None, show_progress: bool = True) -> str:
+  """Runs (or reuses) the table's grid; writes and returns ``report.md``'s path."""
+  common.quiet_logs()
+  check(table, base, workdir)
+  measured = measure(table, base, workdir, data_dir=data_dir,
+                     show_progress=show_progress)
+  root = os.path.join(workdir, f"table_{table}")
+  lines = report(table, base.train.dataset, measured)
   os.makedirs(root, exist_ok=True)
   if table in ("fig8", "fig10"):
     reporting.sweep_figure(measured, os.path.join(root, f"{table}.png"))
@@ -112,9 +118,18 @@ def main(argv):
   path = os.path.join(root, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))
-  print("\n".join(lines))
+  return path
+
+
+def main(argv, fv=flags.FLAGS):
+  del argv
+  path = run(fv.table, cli.experiment_config(fv), fv.workdir, data_dir=fv.data_dir,
+             show_progress=fv.progress)
+  with open(path) as f:
+    print(f.read())
   print(path)
 
 
 if __name__ == "__main__":
-  common.run_main(main)
+  define_flags(flags.FLAGS)
+  cli.run_main(main)

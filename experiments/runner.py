@@ -1,19 +1,26 @@
-"""Runs one over-unlearning experiment from flags and writes its result files.
+"""Runs one over-unlearning experiment from its config and writes its result files.
 
-Shared by ``experiments.pushing``, ``experiments.blending`` and
-``experiments.finetune``: importing this module defines their flags.
+``run(config, workdir) -> results`` is what ``experiments.pushing``,
+``experiments.blending`` and ``experiments.finetune`` do after parsing their flags
+(and what tests call directly): check every setting before any data is read,
+train or reuse the server's model, run the attack chosen by name
+(``experiments/attackers.py``), have a fresh server unlearn and evaluate each
+submission (``pipeline.run_conditions``), and write ``results.json``, ``results.md``
+and the figures.
 """
 
-import os
+from __future__ import annotations
 
+import os
+import time
+
+from experiments import attackers
 from experiments import common
+from experiments import configs
 from experiments import pipeline
 from experiments import reporting
+from experiments import screens
 from experiments import validation
-
-FLAGS = common.FLAGS
-common.define_common_flags({"workdir": "./runs/cifar10"})
-pipeline.define_attack_flags()
 
 
 def write_results(results: dict, workdir: str) -> str:
@@ -25,21 +32,46 @@ def write_results(results: dict, workdir: str) -> str:
   return path
 
 
-def run(experiment: str, **overrides) -> str:
-  """Runs ``pushing`` or ``blending`` with the flags (``overrides`` win)."""
+def run_experiment(ctx: pipeline.Context, config: configs.ExperimentConfig,
+                   workdir: str, *, show_progress: bool = True) -> dict:
+  """The attack ``config.attack.name`` and every condition: the stamped results."""
+  class_a = pipeline.class_a_of(ctx.spec, config)
+  made = attackers.ATTACKS[config.attack.name](ctx, config, workdir,
+                                               show_progress=show_progress)
+  installed = screens.build(ctx, config, made.user_ids)
+  started = time.time()
+  conditions = pipeline.run_conditions(ctx, config, made.submissions, class_a,
+                                       made.extra_classes, installed)
+  results = {
+      **pipeline.run_summary(ctx, config, made.experiment, class_a,
+                             made.user_samples, made.submitted),
+      **made.fields,
+      **({"defence": config.server.defence} if installed else {}),
+      "conditions": conditions,
+      "attack": made.statistics,
+      "timings": {"unlearn_and_evaluate_seconds": time.time() - started,
+                  "attack_seconds": made.seconds},
+  }
+  return common.to_jsonable(pipeline.stamp(results, config))
+
+
+def run(config: configs.ExperimentConfig, workdir: str, *,
+        data_dir: str | None = None, show_progress: bool = True) -> dict:
+  """Checks, trains or reuses the model, attacks, evaluates, writes; the results."""
   common.quiet_logs()
-  train_config = common.train_config_from_flags()
-  config = pipeline.attack_config_from_flags(**overrides)
-  validation.check_attack(validation.check_train(train_config), config)
-  validation.check_workdir(FLAGS.workdir)
-  ctx = pipeline.prepare(train_config, FLAGS.workdir, data_dir=FLAGS.data_dir,
-                         show_progress=FLAGS.progress)
-  if experiment == "pushing":
-    results = pipeline.run_pushing(ctx, config, FLAGS.workdir,
-                                   show_progress=FLAGS.progress)
-  else:
-    results = pipeline.run_blending(ctx, config)
-  results = pipeline.stamp(results, train_config, config)
-  path = write_results(results, FLAGS.workdir)
+  validation.check_experiment(config)
+  validation.check_workdir(workdir)
+  ctx = pipeline.prepare(config.train, workdir, data_dir=data_dir,
+                         show_progress=show_progress)
+  results = run_experiment(ctx, config, workdir, show_progress=show_progress)
+  write_results(results, workdir)
+  return results
+
+
+def main(fv, **overrides) -> None:
+  """The scripts' thin main: flags to config, ``run``, the report, the path."""
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  config = cli.experiment_config(fv, **overrides)
+  results = run(config, fv.workdir, data_dir=fv.data_dir, show_progress=fv.progress)
   print(reporting.markdown(results))
-  return path
+  print(os.path.join(fv.workdir, "results.json"))

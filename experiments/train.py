@@ -5,30 +5,38 @@ train/validation/test accuracy overall and per class, config, seed, versions, co
 and checkpoints; an interrupted run resumes where it stopped.
 """
 
+from absl import flags
+
+from experiments import cli
 from experiments import common
+from experiments import configs
 from experiments import training
 from experiments import validation
 
-FLAGS = common.FLAGS
-common.define_common_flags({"workdir": "./runs/train"})
 
-
-def main(argv):
-  del argv
+def run(config: configs.TrainConfig, workdir: str, *, data_dir: str | None = None,
+        show_progress: bool = True) -> training.TrainedModel:
+  """Checks the config and the workdir, then trains (or reuses) the model."""
   common.quiet_logs()
-  config = common.train_config_from_flags()
   validation.check_train(config)
-  validation.check_workdir(FLAGS.workdir)
-  splits = training.load_splits(config, FLAGS.data_dir)
-  trained = training.train_or_restore(config, FLAGS.workdir, splits,
-                                      show_progress=FLAGS.progress)
+  validation.check_workdir(workdir)
+  splits = training.load_splits(config, data_dir)
+  return training.train_or_restore(config, workdir, splits,
+                                   show_progress=show_progress)
+
+
+def main(argv, fv=flags.FLAGS):
+  del argv
+  config = cli.train_config(fv)
+  trained = run(config, fv.workdir, data_dir=fv.data_dir, show_progress=fv.progress)
   final = trained.metrics["final"]
   print(f"{config.model} on {config.dataset}: {trained.metrics['num_params']:,} "
         f"parameters, best epoch {trained.metrics['best_epoch'] + 1}, "
         f"test accuracy {final['test']['accuracy']:.4f} "
         f"(valid {final['valid']['accuracy']:.4f}, train {final['train']['accuracy']:.4f})")
-  print(f"{FLAGS.workdir}/train_metrics.json")
+  print(f"{fv.workdir}/train_metrics.json")
 
 
 if __name__ == "__main__":
-  common.run_main(main)
+  cli.define_common_flags(flags.FLAGS, workdir="./runs/train")
+  cli.run_main(main)

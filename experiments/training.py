@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from experiments import common
+from experiments import configs
 from ounl_jax import checkpoint
 from ounl_jax import data as data_lib
 from ounl_jax import models
@@ -28,20 +29,20 @@ class TrainedModel(NamedTuple):
   metrics: dict
 
 
-def load_splits(config: common.TrainConfig,
+def load_splits(config: configs.TrainConfig,
                 data_dir: str | None = None) -> data_lib.Splits:
   return data_lib.load(config.dataset, data_dir=data_dir, seed=config.seed,
                        max_train_per_class=config.max_train_per_class,
                        max_test_per_class=config.max_test_per_class)
 
 
-def build_model(config: common.TrainConfig) -> models.Model:
+def build_model(config: configs.TrainConfig) -> models.Model:
   spec = data_lib.get_spec(config.dataset)
   return models.get_model(config.model, num_classes=spec.num_classes,
                           input_shape=spec.image_shape, width=config.width)
 
 
-def learning_rate(config: common.TrainConfig) -> float:
+def learning_rate(config: configs.TrainConfig) -> float:
   if config.learning_rate is not None:
     return config.learning_rate
   return data_lib.get_spec(config.dataset).learning_rate
@@ -64,7 +65,7 @@ def data_fingerprint(splits: data_lib.Splits) -> str:
   return digest.hexdigest()[:16]
 
 
-def check_data_identity(workdir: str, config: common.TrainConfig,
+def check_data_identity(workdir: str, config: configs.TrainConfig,
                         splits: data_lib.Splits) -> None:
   """Records the data a workdir was made with; refuses other data later.
 
@@ -93,7 +94,7 @@ def _checkpoint_tree(state, best_variables, stopping, epoch) -> dict:
           "epoch": np.int32(epoch)}
 
 
-def train_or_restore(config: common.TrainConfig, workdir: str,
+def train_or_restore(config: configs.TrainConfig, workdir: str,
                      splits: data_lib.Splits, *,
                      show_progress: bool = True) -> TrainedModel:
   """Trains with early stopping (App. B), resuming or reusing what ``workdir`` has.

@@ -15,50 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 from absl import flags
 import jax
 
+from experiments import cli
 from experiments import common
+from experiments import configs
 from experiments import training
 from experiments import validation
 from ounl_jax import data as data_lib
 from ounl_jax import service as service_lib
 from ounl_jax import unlearning
 
-FLAGS = flags.FLAGS
-common.define_common_flags({"workdir": "./runs/unlearn"})
-flags.DEFINE_string("unlearn_class", None,
-                    "Class A whose samples are unlearned (name or index); the "
-                    "paper's class of the dataset if unset (CIFAR-10 airplane).")
-flags.DEFINE_float("fraction", 0.1, "Fraction of class A's training samples "
-                   "submitted (the paper's 0.1 and 0.5).")
-flags.DEFINE_enum("method", "first_order", list(unlearning.METHODS),
-                  "The server's unlearning method.")
-flags.DEFINE_integer("unlearn_seed", 88, "Seeds the unlearn-set selection "
-                     "(released code default 88).")
-flags.DEFINE_integer("server_seed", 0, "Seeds the server's unlearning noise (the "
-                     "same key as the pushing and blending experiments).")
-flags.DEFINE_float("tau", None, "first_order / gradient_ascent: unlearning rate "
-                   "(default 2e-4, the released code; Warnecke CIFAR 2e-5).")
-flags.DEFINE_integer("steps", None, "first_order / gradient_ascent: steps (1).")
-flags.DEFINE_enum("reduction", None, ["sum", "mean"],
-                  "first_order / gradient_ascent: gradient reduction (sum).")
-flags.DEFINE_enum("scope", None, ["head", "all"],
-                  "first_order / gradient_ascent: updated parameters (head).")
-flags.DEFINE_enum("replacement", None, ["noise", "black", "white", "none"],
-                  "first_order: irrelevant samples (noise).")
-flags.DEFINE_bool("reference_code", True, "first_order: the released code's "
-                  "update, noise term dropped on full gradient batches "
-                  "(docs/protocol.md §5), as the pushing experiments; "
-                  "--noreference_code: Eq. 13 as written.")
-flags.DEFINE_integer("reference_batch_size", None, "first_order with "
-                     "--reference_code: the gradient batch (released 256).")
-flags.DEFINE_float("finetune_learning_rate", None, "fine_tune: SGD rate (0.01).")
-flags.DEFINE_integer("finetune_epochs", None, "fine_tune: epochs (1).")
-flags.DEFINE_string("results_name", "unlearn_results.json",
-                    "File name of the results inside --workdir.")
-
+_SERVER = configs.ServerConfig()
 # Flag name -> settings field, for the flags each method reads.
 _SETTING_FLAGS = {
     "tau": "tau", "steps": "steps", "reduction": "reduction", "scope": "scope",
@@ -66,22 +37,58 @@ _SETTING_FLAGS = {
     "reference_batch_size": "reference_batch_size",
     "finetune_learning_rate": "learning_rate", "finetune_epochs": "epochs",
 }
+_SETTINGS_OF = {"finetune_learning_rate": _SERVER.fine_tune,
+                "finetune_epochs": _SERVER.fine_tune}
 
 
-def settings_from_flags(method: str):
-  """The method's default settings, overridden by the flags given for it."""
-  settings = unlearning.default_settings(method)
+def define_flags(fv) -> None:
+  """The common flags and this script's (entry module only); defaults from
+  ``configs.ServerConfig`` and ``configs.SamplesConfig``."""
+  samples = configs.SamplesConfig()
+  cli.define_common_flags(fv, workdir="./runs/unlearn")
+  flags.DEFINE_string("unlearn_class", samples.unlearn_class,
+                      "Class A whose samples are unlearned (name or index); the "
+                      "paper's class of the dataset if unset (CIFAR-10 airplane).",
+                      flag_values=fv)
+  flags.DEFINE_float("fraction", samples.fraction, "Fraction of class A's "
+                     "training samples submitted (the paper's 0.1 and 0.5).",
+                     flag_values=fv)
+  flags.DEFINE_enum("method", _SERVER.method, list(unlearning.METHODS),
+                    "The server's unlearning method.", flag_values=fv)
+  flags.DEFINE_integer("unlearn_seed", samples.seed, "Seeds the unlearn-set "
+                       "selection (released code default 88).", flag_values=fv)
+  flags.DEFINE_integer("server_seed", _SERVER.seed, "Seeds the server's "
+                       "unlearning noise (as the pushing experiments).",
+                       flag_values=fv)
+  enums = {"reduction": ["sum", "mean"], "scope": ["head", "all"],
+           "replacement": ["noise", "black", "white", "none"]}
+  for flag, field in _SETTING_FLAGS.items():
+    default = getattr(_SETTINGS_OF.get(flag, _SERVER.first_order), field)
+    text = f"The method's {field} (flag given: applied; default {default})."
+    if flag in enums:
+      flags.DEFINE_enum(flag, default, enums[flag], text, flag_values=fv)
+    elif isinstance(default, bool):
+      flags.DEFINE_bool(flag, default, text, flag_values=fv)
+    elif isinstance(default, int):
+      flags.DEFINE_integer(flag, default, text, flag_values=fv)
+    else:
+      flags.DEFINE_float(flag, default, text, flag_values=fv)
+  flags.DEFINE_string("results_name", "unlearn_results.json",
+                      "File name of the results inside --workdir.", flag_values=fv)
+
+
+def settings_from_flags(fv, method: str):
+  """The experiments' settings of ``method`` (``configs.ServerConfig``), then the
+  flags given for it; a flag given for another method is a user error."""
+  settings = dataclasses.replace(_SERVER, method=method).settings()
   fields = {f.name for f in dataclasses.fields(settings)}
   overrides = {}
   for flag, field in _SETTING_FLAGS.items():
-    value = FLAGS[flag].value
-    if value is None:
+    if not fv[flag].present:
       continue
     if field not in fields:
-      if FLAGS[flag].present:
-        raise common.UserError(f"--{flag} does not apply to --method={method}.")
-      continue
-    overrides[field] = value
+      raise common.UserError(f"--{flag} does not apply to --method={method}.")
+    overrides[field] = fv[flag].value
   return dataclasses.replace(settings, **overrides)
 
 
@@ -94,65 +101,96 @@ def evaluation_dict(result: service_lib.ServiceEvaluation,
   return out
 
 
-def main(argv):
-  del argv
-  common.quiet_logs()
-  config = common.train_config_from_flags()
-  spec = validation.check_train(config)
+@dataclasses.dataclass(frozen=True)
+class UnlearnConfig:
+  """This experiment's config: the model, the user's class and the server."""
+
+  train: configs.TrainConfig = configs.TrainConfig()
+  unlearn_class: str | None = None
+  fraction: float = configs.SamplesConfig.fraction
+  method: str = _SERVER.method
+  settings: Any = _SERVER.first_order
+  unlearn_seed: int = configs.SamplesConfig.seed
+  server_seed: int = _SERVER.seed
+
+
+def check(config: UnlearnConfig, workdir: str) -> int:
+  """Every setting (before any data is read); returns class A."""
+  spec = validation.check_train(config.train)
   class_a = validation.check_class("unlearn_class",
-                                   FLAGS.unlearn_class or spec.class_a, spec)
-  if not 0 < FLAGS.fraction <= 1:
-    raise common.UserError(f"--fraction={FLAGS.fraction}: must be in (0, 1].")
-  try:
-    settings = settings_from_flags(FLAGS.method)
-  except ValueError as error:
-    raise common.UserError(str(error)) from None
-  validation.check_workdir(FLAGS.workdir)
-  splits = training.load_splits(config, FLAGS.data_dir)
-  trained = training.train_or_restore(config, FLAGS.workdir, splits,
-                                      show_progress=FLAGS.progress)
-  unlearn_set = data_lib.select_unlearn_set(splits.train, class_a, FLAGS.fraction,
-                                            FLAGS.unlearn_seed)
+                                   config.unlearn_class or spec.class_a, spec)
+  if not 0 < config.fraction <= 1:
+    raise common.UserError(f"--fraction={config.fraction}: must be in (0, 1].")
+  validation.check_workdir(workdir)
+  return class_a
+
+
+def run(config: UnlearnConfig, workdir: str, *, data_dir: str | None = None,
+        show_progress: bool = True) -> dict:
+  """Unlearns the user's samples on a server holding the trained model."""
+  common.quiet_logs()
+  class_a = check(config, workdir)
+  spec = data_lib.get_spec(config.train.dataset)
+  splits = training.load_splits(config.train, data_dir)
+  trained = training.train_or_restore(config.train, workdir, splits,
+                                      show_progress=show_progress)
+  unlearn_set = data_lib.select_unlearn_set(splits.train, class_a, config.fraction,
+                                            config.unlearn_seed)
   server = service_lib.UnlearningService(
       trained.model, trained.variables, splits.test,
-      key=jax.random.key(FLAGS.server_seed), method=FLAGS.method,
-      settings=settings)
+      key=jax.random.key(config.server_seed), method=config.method,
+      settings=config.settings)
   before = server.evaluate(class_a)
   receipt = server.unlearn(service_lib.UnlearningRequest(unlearn_set.images,
                                                          unlearn_set.labels))
   after = server.evaluate(class_a)
-  results = {
-      "dataset": config.dataset,
+  settings = dataclasses.asdict(config.settings)
+  return {
+      "dataset": config.train.dataset,
       "unlearn_class": spec.class_names[class_a],
-      "fraction": FLAGS.fraction,
+      "fraction": config.fraction,
       "num_unlearned": len(unlearn_set),
       "class_train_samples": int((splits.train.labels == class_a).sum()),
       "unlearned_ids": unlearn_set.ids,
-      "method": FLAGS.method,
-      "settings": dataclasses.asdict(settings),
-      "seeds": {"train": config.seed, "unlearn": FLAGS.unlearn_seed,
-                "server": FLAGS.server_seed},
+      "method": config.method,
+      "settings": settings,
+      "seeds": {"train": config.train.seed, "unlearn": config.unlearn_seed,
+                "server": config.server_seed},
       "receipt": dataclasses.asdict(receipt),
       "clean_class_a_correct": int(before.histogram.sum()),
       "before": evaluation_dict(before, spec),
       "after": evaluation_dict(after, spec),
       "splits": data_lib.describe(splits),
-      **common.run_metadata({"train": config.to_dict(),
-                             "unlearn": {"method": FLAGS.method,
-                                         "fraction": FLAGS.fraction,
+      **common.run_metadata({"train": config.train.to_dict(),
+                             "unlearn": {"method": config.method,
+                                         "fraction": config.fraction,
                                          "unlearn_class": spec.class_names[class_a],
-                                         "unlearn_seed": FLAGS.unlearn_seed,
-                                         "server_seed": FLAGS.server_seed,
-                                         "settings": dataclasses.asdict(settings)}}),
+                                         "unlearn_seed": config.unlearn_seed,
+                                         "server_seed": config.server_seed,
+                                         "settings": settings}}),
   }
-  path = common.write_json(os.path.join(FLAGS.workdir, FLAGS.results_name), results)
-  b, a = before.report, after.report
-  print(f"{FLAGS.method} unlearning of {len(unlearn_set)} "
-        f"{spec.class_names[class_a]} samples ({receipt.seconds:.1f}s): "
-        f"class-A accuracy {b.class_a_accuracy:.4f} -> {a.class_a_accuracy:.4f}, "
-        f"overall {b.accuracy:.4f} -> {a.accuracy:.4f}")
+
+
+def main(argv, fv=flags.FLAGS):
+  del argv
+  try:
+    settings = settings_from_flags(fv, fv.method)
+  except ValueError as error:
+    raise common.UserError(str(error)) from None
+  config = UnlearnConfig(cli.train_config(fv), fv.unlearn_class, fv.fraction,
+                         fv.method, settings, fv.unlearn_seed, fv.server_seed)
+  results = run(config, fv.workdir, data_dir=fv.data_dir,
+                show_progress=fv.progress)
+  path = common.write_json(os.path.join(fv.workdir, fv.results_name), results)
+  before, after = results["before"], results["after"]
+  print(f"{config.method} unlearning of {results['num_unlearned']} "
+        f"{results['unlearn_class']} samples ({results['receipt']['seconds']:.1f}s): "
+        f"class-A accuracy {before['class_a_accuracy']:.4f} -> "
+        f"{after['class_a_accuracy']:.4f}, overall {before['accuracy']:.4f} -> "
+        f"{after['accuracy']:.4f}")
   print(path)
 
 
 if __name__ == "__main__":
-  common.run_main(main)
+  define_flags(flags.FLAGS)
+  cli.run_main(main)

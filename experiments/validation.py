@@ -1,7 +1,7 @@
 """Every flag checked before any data is read or any model trained.
 
 Each check raises ``common.UserError`` with one line that names the flag, the value
-and the fix; ``common.main`` prints it and exits with status 2 (``--debug`` shows
+and the fix; ``cli.run_main`` prints it and exits with status 2 (``--debug`` shows
 the traceback instead).
 """
 
@@ -13,9 +13,12 @@ import tempfile
 
 from experiments import attackers
 from experiments import common
+from experiments import configs
 from experiments import pushes
+from experiments import screens
 from ounl_jax import data as data_lib
 from ounl_jax import models
+from ounl_jax import unlearning
 
 
 def _fail(flag: str, value, fix: str):
@@ -43,7 +46,7 @@ def _known(flag: str, value, check):
     raise common.UserError(f"--{flag}={value}: {error}") from None
 
 
-def check_train(config: common.TrainConfig) -> data_lib.DatasetSpec:
+def check_train(config: configs.TrainConfig) -> data_lib.DatasetSpec:
   """The training flags: names and ranges. Returns the dataset's spec."""
   spec = _known("dataset", config.dataset, data_lib.get_spec)
   _known("model", config.model, models.check_model_name)
@@ -55,34 +58,50 @@ def check_train(config: common.TrainConfig) -> data_lib.DatasetSpec:
 
 
 def check_attack(spec: data_lib.DatasetSpec, config) -> None:
-  """The attack and unlearning flags: names, ranges and combinations."""
-  class_a = _known("unlearn_class", config.unlearn_class or spec.class_a,
+  """The attack, server and defence flags: names, ranges and combinations.
+
+  ``config``: an ``ExperimentConfig``, or the flags' values by flag name (checked
+  before the library's settings are built from them).
+  """
+  value = (config.get if isinstance(config, dict) else
+           lambda flag: configs.get(config, configs.FLAG_PATHS[flag][0]))
+  class_a = _known("unlearn_class", value("unlearn_class") or spec.class_a,
                    lambda v: data_lib.class_index(spec, v))
-  if not (math.isfinite(config.fraction) and 0 < config.fraction <= 1):
-    _fail("fraction", config.fraction, "must be in (0, 1] (the paper uses 0.1 and "
-          "0.5).")
-  if config.sample_rule not in pushes.SAMPLE_RULES:
-    _fail("sample_rule", config.sample_rule, f"choose one of {pushes.SAMPLE_RULES}.")
-  if config.attack not in attackers.ATTACKS:
-    _fail("attack", config.attack, f"choose one of {', '.join(attackers.ATTACKS)}.")
+  fraction = value("fraction")
+  if not (math.isfinite(fraction) and 0 < fraction <= 1):
+    _fail("fraction", fraction, "must be in (0, 1] (the paper uses 0.1 and 0.5).")
+  for flag, known in (("sample_rule", pushes.SAMPLE_RULES),
+                      ("attack", tuple(attackers.ATTACKS)),
+                      ("defence", tuple(screens.DEFENCES)),
+                      ("unlearning", tuple(unlearning.METHODS))):
+    if value(flag) not in known:
+      _fail(flag, value(flag), f"choose one of {', '.join(known)}.")
   for flag in ("max_samples", "max_iterations", "iterations_per_chunk",
                "sample_chunk_size", "reference_batch_size", "finetune_epochs"):
-    _positive(flag, getattr(config, flag))
+    _positive(flag, value(flag))
   for flag in ("tau", "max_l2", "finetune_learning_rate"):
-    _positive(flag, getattr(config, flag), integer=False)
-  if not (math.isfinite(config.blend_ratio) and 0 < config.blend_ratio <= 1):
-    _fail("blend_ratio", config.blend_ratio, "must be in (0, 1] (the weight on "
-          "the class-B image; the paper uses 0.3 and 0.5).")
+    _positive(flag, value(flag), integer=False)
+  ratio = value("blend_ratio")
+  if not (math.isfinite(ratio) and 0 < ratio <= 1):
+    _fail("blend_ratio", ratio, "must be in (0, 1] (the weight on the class-B "
+          "image; the paper uses 0.3 and 0.5).")
   for flag in ("target_class", "blend_class"):
-    value = getattr(config, flag)
-    if flag == "blend_class" and value is None:
-      value = spec.class_b
-    if value is None:
+    name = value(flag)
+    if flag == "blend_class" and name is None:
+      name = spec.class_b
+    if name is None:
       continue
-    if _known(flag, value, lambda v: data_lib.class_index(spec, v)) == class_a:
-      _fail(flag, value, f"must differ from the unlearned class "
+    if _known(flag, name, lambda v: data_lib.class_index(spec, v)) == class_a:
+      _fail(flag, name, f"must differ from the unlearned class "
             f"{spec.class_names[class_a]} (--unlearn_class); the paper uses "
             f"{spec.target_class if flag == 'target_class' else spec.class_b}.")
+
+
+def check_experiment(config: configs.ExperimentConfig) -> data_lib.DatasetSpec:
+  """Every setting of an over-unlearning run (train, attack, server)."""
+  spec = check_train(config.train)
+  check_attack(spec, config)
+  return spec
 
 
 def check_workdir(workdir: str) -> None:

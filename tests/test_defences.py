@@ -363,15 +363,15 @@ def mock_cifar10(monkeypatch, tmp_path):
 
 @pytest.mark.heavy  # About 25 s of CPU (training and unlearning compiles).
 def test_defences_experiment_writes_its_table_on_mock_data(mock_cifar10):
-  from experiments import common  # pylint: disable=g-import-not-at-top
+  from experiments import configs  # pylint: disable=g-import-not-at-top
+  from experiments import defence_report  # pylint: disable=g-import-not-at-top
   from experiments import defences as experiment  # pylint: disable=g-import-not-at-top
-  from experiments import pipeline  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
   workdir = mock_cifar10 / "run"
-  train_config = common.TrainConfig(width=2, epochs=1, patience=1,
-                                    max_train_per_class=12, max_test_per_class=4)
-  config = pipeline.AttackConfig(fraction=0.5, max_samples=4, max_iterations=10,
-                                 iterations_per_chunk=10)
+  config = configs.override(
+      configs.ExperimentConfig(), width=2, epochs=1, patience=1,
+      max_train_per_class=12, max_test_per_class=4, fraction=0.5, max_samples=4,
+      max_iterations=10, iterations_per_chunk=10)
   # A saved push (as experiments.pushing writes it): 3 rows, row 1 failed.
   rng = np.random.default_rng(0)
   pushed_path = str(mock_cifar10 / "pushed.npz")
@@ -385,14 +385,13 @@ def test_defences_experiment_writes_its_table_on_mock_data(mock_cifar10):
            requested=np.asarray(3))
   settings = experiment.DefenceConfig(honest_samples=30, guard_requests=2,
                                       pushed=pushed_path, calibrate_on="as_sent")
-  path = experiment.run(train_config, config, settings, str(workdir),
-                        show_progress=False)
+  path = experiment.run(config, settings, str(workdir), show_progress=False)
   assert path == str(workdir / "defences.json")
   results = json.loads((workdir / "defences.json").read_text())
-  assert set(results["sample_defences"]) == set(experiment.SAMPLE_DEFENCES)
+  assert set(results["sample_defences"]) == set(defence_report.SAMPLE_DEFENCES)
   for entry in results["sample_defences"].values():
     assert entry["calibration_false_rejection"] <= 0.01 + 1e-9
-    assert set(entry["attacks"]) == set(experiment.ATTACKS)
+    assert set(entry["attacks"]) == set(defence_report.ATTACKS)
     assert "scores" not in entry["attacks"]["blending"]
   # Honest halves are disjoint from each other and from the user's samples.
   assert results["honest"]["calibration"] == results["honest"]["evaluation"] == 30

@@ -8,17 +8,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments import blending  # noqa: F401  (defines nothing new; uses runner)
+from experiments import cli
 from experiments import common
-from experiments import finetune  # noqa: F401
-from experiments import pushing  # noqa: F401
+from experiments import configs
 from experiments import reproduce
 from experiments import runner
 from ounl_jax import data as data_lib
 from tests.conftest import mock_prepared_folder
 from tests.conftest import real_data_dir
-
-FLAGS = flags.FLAGS
 
 CONDITION_KEYS = {"overall_accuracy", "per_class_accuracy", "class_a_accuracy",
                   "histogram", "histogram_total"}
@@ -26,9 +23,28 @@ TOP_KEYS = {"experiment", "dataset", "class_a", "conditions", "attack", "timings
             "config", "versions", "git", "submitted_ids", "unlearning_settings"}
 
 
-def parse(workdir, *extra):
-  FLAGS.unparse_flags()
-  FLAGS(["test", "--scale=smoke", f"--workdir={workdir}", "--noprogress", *extra])
+# What each script's main passes to ``runner.run`` (experiments/<script>.py).
+SCRIPTS = {"pushing": {}, "blending": {"attack": "blending"},
+           "finetune": {"unlearning": "fine_tune"}}
+
+
+def parse(workdir, *extra, define=cli.define_experiment_flags):
+  """A command line parsed into fresh flags, as the entry modules' main does."""
+  fv = flags.FlagValues()
+  define(fv)
+  fv(["test", "--scale=smoke", f"--workdir={workdir}", "--noprogress", *extra])
+  return fv
+
+
+def run_script(fv, script="pushing") -> str:
+  """``python -m experiments.<script>`` in-process; the path of results.json."""
+  config = cli.experiment_config(fv, **SCRIPTS[script])
+  runner.run(config, fv.workdir, data_dir=fv.data_dir, show_progress=False)
+  return os.path.join(fv.workdir, "results.json")
+
+
+def parse_table(workdir, *extra):
+  return parse(workdir, *extra, define=reproduce.define_flags)
 
 
 def check_schema(results, conditions):
@@ -74,8 +90,8 @@ def mock_cifar100(monkeypatch, tmp_path):
 def test_scripts_write_well_formed_outputs_on_mock_data(mock_cifar10, script,
                                                         conditions):
   workdir = mock_cifar10 / "run"
-  parse(workdir, "--max_iterations=20", "--iterations_per_chunk=10")
-  path = runner.run(script)
+  fv = parse(workdir, "--max_iterations=20", "--iterations_per_chunk=10")
+  path = run_script(fv, script)
   assert path == str(workdir / "results.json")
   results = json.loads((workdir / "results.json").read_text())
   check_schema(results, conditions)
@@ -86,32 +102,32 @@ def test_scripts_write_well_formed_outputs_on_mock_data(mock_cifar10, script,
 
 def test_finetune_script_uses_fine_tune_unlearning(mock_cifar10):
   workdir = mock_cifar10 / "run"
-  parse(workdir, "--max_iterations=10", "--iterations_per_chunk=10")
-  runner.run("pushing", unlearning="fine_tune")
+  fv = parse(workdir, "--max_iterations=10", "--iterations_per_chunk=10")
+  run_script(fv, "finetune")
   results = json.loads((workdir / "results.json").read_text())
   assert results["unlearning"] == "fine_tune"
-  assert results["config"]["attack"]["unlearning"] == "fine_tune"
+  assert results["config"]["server"]["method"] == "fine_tune"
 
 
 def test_reproduce_writes_a_report_and_reuses_points(mock_cifar10, capsys):
   workdir = mock_cifar10 / "run"
-  parse(workdir, "--table=III", "--fraction=0.1")
-  reproduce.main([])
+  fv = parse_table(workdir, "--table=III", "--fraction=0.1")
+  reproduce.main([], fv)
   report = workdir / "table_III" / "report.md"
   assert capsys.readouterr().out.strip().splitlines()[-1] == str(report)
   text = report.read_text()
   assert "paper" in text and "fraction_0.5_ratio_0.5" in text
   stamp = os.path.getmtime(workdir / "table_III" / "fraction_0.1_ratio_0.3" /
                            "results.json")
-  reproduce.main([])
+  reproduce.main([], fv)
   assert os.path.getmtime(workdir / "table_III" / "fraction_0.1_ratio_0.3" /
                           "results.json") == stamp
 
 
 def test_unknown_class_is_a_clear_error(mock_cifar10):
-  parse(mock_cifar10 / "run", "--unlearn_class=airplan")
+  fv = parse(mock_cifar10 / "run", "--unlearn_class=airplan")
   with pytest.raises(ValueError, match="Did you mean airplane"):
-    runner.run("pushing")
+    run_script(fv)
 
 
 def strip_timings(value):
@@ -130,8 +146,7 @@ def test_real_data_smoke_run_is_consistent_and_reproducible(tmp_path):
     pytest.skip("Real CIFAR-10 not found (set TFDS_DATA_DIR).")
   runs = []
   for name in ("a", "b"):
-    parse(tmp_path / name)
-    runs.append(json.loads(open(runner.run("pushing")).read()))
+    runs.append(json.loads(open(run_script(parse(tmp_path / name))).read()))
   results = runs[0]
   check_schema(results, {"clean", "normal", "pushing_i", "pushing_ii"})
   # Every condition submitted the same training ids, all of class A.
@@ -157,17 +172,17 @@ def test_real_data_smoke_run_is_consistent_and_reproducible(tmp_path):
 def test_table_vi_runs_on_cifar100_up_to_the_push(mock_cifar100):
   # A smoke model on random mock images gets no apple right: the grid must stop
   # with the one-line reason, not a KeyError or an empty results file.
-  parse(mock_cifar100 / "run", "--table=VI", "--dataset=cifar100",
-        "--max_iterations=10", "--iterations_per_chunk=10")
+  fv = parse_table(mock_cifar100 / "run", "--table=VI", "--dataset=cifar100",
+                   "--max_iterations=10", "--iterations_per_chunk=10")
   with pytest.raises(common.UserError, match="misclassifies all"):
-    reproduce.main([])
+    reproduce.main([], fv)
   assert not list((mock_cifar100 / "run").glob("table_VI/*/results.json"))
 
 
 def test_table_vi_report_puts_the_paper_beside_the_histogram():
   def result(fraction, kept, moved):
     hist = {"apple": kept, "pear": 1, "sweet_pepper": moved}
-    return {"config": {"attack": {"fraction": fraction}}, "class_a": "apple",
+    return {"config": {"samples": {"fraction": fraction}}, "class_a": "apple",
             "conditions": {c: {"histogram": hist, "histogram_total": 71}
                            for c in ("normal", "pushing_i", "pushing_ii")}}
   lines = reproduce.paper_tables.TABLES["VI"].report(
@@ -182,11 +197,11 @@ def test_table_vi_report_puts_the_paper_beside_the_histogram():
 def test_new_reproduce_grids_report_paper_beside_measured(request, dataset, tables):
   workdir = request.getfixturevalue(f"mock_{dataset}") / dataset
   for table in tables:
-    parse(workdir, f"--table={table}", f"--dataset={dataset}",
-          "--max_iterations=10", "--iterations_per_chunk=10")
-    reproduce.main([])
+    fv = parse_table(workdir, f"--table={table}", f"--dataset={dataset}",
+                     "--max_iterations=10", "--iterations_per_chunk=10")
+    reproduce.main([], fv)
     report = (workdir / f"table_{table}" / "report.md").read_text()
-    points = [p for p, _, _ in reproduce.paper_tables.TABLES[table].grid()]
+    points = [p for p, _ in reproduce.paper_tables.TABLES[table].grid()]
     assert len(points) >= 2
     for point in points:
       assert f"| {point} |" in report, (table, point)
@@ -208,18 +223,18 @@ def test_new_reproduce_grids_report_paper_beside_measured(request, dataset, tabl
 
 
 def test_table_of_another_dataset_is_refused_before_any_work(mock_cifar10):
-  parse(mock_cifar10 / "run", "--table=VI", "--dataset=cifar10")
+  fv = parse_table(mock_cifar10 / "run", "--table=VI", "--dataset=cifar10")
   with pytest.raises(Exception, match="--dataset=cifar100"):
-    reproduce.main([])
+    reproduce.main([], fv)
   assert not (mock_cifar10 / "run").exists()
 
 
 @pytest.mark.parametrize("attack", ["zoo_directions", "label_only"])
 def test_other_attackers_run_through_the_same_pipeline(mock_cifar10, attack):
   workdir = mock_cifar10 / attack
-  parse(workdir, f"--attack={attack}", "--max_iterations=10",
-        "--iterations_per_chunk=10")
-  results = json.loads(open(runner.run("pushing")).read())
+  fv = parse(workdir, f"--attack={attack}", "--max_iterations=10",
+             "--iterations_per_chunk=10")
+  results = json.loads(open(run_script(fv)).read())
   check_schema(results, {"clean", "normal", "pushing_i", "pushing_ii"})
   assert results["attacker"] == attack
   stats = results["attack"]
@@ -227,3 +242,56 @@ def test_other_attackers_run_through_the_same_pipeline(mock_cifar10, attack):
   assert stats["oracle_queries"] == (stats["screening_queries"]
                                      + round(stats["queries_per_sample"]["mean"]
                                              * stats["attacked"]))
+
+
+def test_every_experiment_module_imports_in_one_process_without_flags():
+  # pylint: disable=g-import-not-at-top,unused-import
+  import experiments.architectures
+  import experiments.blending
+  import experiments.defences
+  import experiments.finetune
+  import experiments.pushing
+  import experiments.stealthiness
+  import experiments.train
+  import experiments.unlearn
+  for name in ("dataset", "scale", "fraction", "table", "pushed", "method"):
+    assert name not in flags.FLAGS, name
+
+
+def test_flag_defaults_come_from_the_library_settings():
+  fv = flags.FlagValues()
+  cli.define_experiment_flags(fv)
+  library = configs.ExperimentConfig()
+  assert fv["tau"].default == library.server.first_order.tau == 2e-4
+  assert fv["max_l2"].default == library.attack.push.max_l2
+  assert fv["pushing_ii"].default == library.attack.push.pushing_ii
+  assert fv["sample_chunk_size"].default == library.attack.push.zoo.sample_chunk_size
+  # The one stated difference: the released first-order regime (docs/protocol.md §5).
+  assert fv["reference_code"].default is True
+  fv(["test"])
+  config = cli.experiment_config(fv)
+  assert config.server.settings().reference_code
+  assert config.samples.max_samples is None  # cpu preset
+
+
+@pytest.mark.parametrize("attack", ["unlearning_gradient", "transfer"])
+def test_gradient_attacks_run_through_the_same_conditions(mock_cifar10, attack):
+  workdir = mock_cifar10 / attack
+  fv = parse(workdir, f"--attack={attack}", "--sample_rule=fraction_first",
+             "--fraction=0.5")
+  results = json.loads(open(run_script(fv)).read())
+  assert set(results["conditions"]) == {"clean", "normal", attack}
+  assert results["white_box"] == (attack == "unlearning_gradient")
+  assert results["conditions"][attack]["num_submitted"] == results["attack"][
+      "successes"]
+
+
+def test_server_defence_is_chosen_by_name(mock_cifar10):
+  workdir = mock_cifar10 / "defended"
+  fv = parse(workdir, "--defence=margin", "--max_iterations=10",
+             "--iterations_per_chunk=10")
+  results = json.loads(open(run_script(fv, "blending")).read())
+  assert results["defence"] == "margin"
+  for name in ("normal", "blending"):
+    condition = results["conditions"][name]
+    assert condition.get("refused") or condition["num_submitted"] >= 1

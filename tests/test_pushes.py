@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from experiments import attackers
+from experiments import pushers
 from experiments import pushes
 from ounl_jax import data as data_lib
 from ounl_jax.attacks import pushing
@@ -18,7 +18,7 @@ def candidates(count=20):
 
 
 def push(requested, store, size=4):
-  attack = attackers.make("zoo", tp.UNTARGETED, None)
+  attack = pushers.make("zoo", tp.UNTARGETED, None)
   return pushes.push_released(tp.make_oracle(), candidates(), requested,
                               jax.random.key(7), attack, target_class=None,
                               size=size, block_store=store, show_progress=False)

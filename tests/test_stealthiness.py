@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import dm_pix
 import jax
@@ -11,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import stealthiness as stealthiness_experiment
 from ounl_jax import stealthiness
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = (8, 8, 8, 8, 8)
 
 
@@ -231,11 +229,10 @@ def _write_pushed(path, n=12):
            ids=np.arange(100, 100 + n), **pushed)
 
 
-def _run_script(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "experiments.stealthiness", *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=120, check=False)
+def _run(workdir, **settings):
+  """The experiment in-process (as ``python -m experiments.stealthiness``)."""
+  config = stealthiness_experiment.StealthinessConfig(**settings)
+  return stealthiness_experiment.run(config, str(workdir))
 
 
 def test_experiment_end_to_end(tmp_path):
@@ -243,9 +240,7 @@ def test_experiment_end_to_end(tmp_path):
   _write_pushed(str(workdir / "attack" / "pushed.npz"))
 
   # Without --pushed it reads WORKDIR/attack/pushed.npz; no weights: LPIPS is null.
-  done = _run_script(f"--workdir={workdir}", "--num_pairs=5", "--seed=3")
-  assert done.returncode == 0, done.stderr
-  json_path = done.stdout.strip().splitlines()[-1]
+  json_path = _run(workdir, num_pairs=5, seed=3)
   assert json_path == str(workdir / "stealthiness.json")
   with open(json_path) as f:
     results = json.load(f)
@@ -273,11 +268,9 @@ def test_experiment_end_to_end(tmp_path):
   np.savez(weights, **stealthiness.lpips_params_to_arrays(
       stealthiness.random_lpips_params(jax.random.key(0))))
   other = tmp_path / "with_weights"
-  done = _run_script(f"--workdir={other}",
-                     f"--pushed={workdir / 'attack' / 'pushed.npz'}",
-                     f"--lpips_weights={weights}", "--num_pairs=50")
-  assert done.returncode == 0, done.stderr
-  with open(done.stdout.strip().splitlines()[-1]) as f:
+  path = _run(other, pushed=str(workdir / "attack" / "pushed.npz"),
+              lpips_weights=str(weights), num_pairs=50)
+  with open(path) as f:
     results = json.load(f)
   assert results["lpips"]["weights"] == str(weights)
   for method in ("pushing_i", "pushing_ii"):
@@ -287,7 +280,7 @@ def test_experiment_end_to_end(tmp_path):
 
 
 def test_experiment_missing_pushed_fails_clearly(tmp_path):
-  done = _run_script(f"--workdir={tmp_path}")
-  assert done.returncode != 0
-  assert "python -m experiments.pushing --workdir=DIR" in done.stderr
+  with pytest.raises(FileNotFoundError,
+                     match="python -m experiments.pushing --workdir=DIR"):
+    _run(tmp_path)
   assert not (tmp_path / "stealthiness.json").exists()

@@ -7,18 +7,19 @@ import sys
 from absl import flags
 import pytest
 
+from experiments import cli
 from experiments import common
-from experiments import pushing  # noqa: F401  (defines the pipeline's flags)
 from experiments import runner
-
-FLAGS = flags.FLAGS
 
 
 def run_with(tmp_path, *extra):
-  FLAGS.unparse_flags()
-  FLAGS(["test", "--scale=smoke", "--noprogress",
-         f"--data_dir={tmp_path / 'no_data_here'}", *extra])
-  return runner.run("pushing")
+  """``python -m experiments.pushing`` in-process, on fresh flags."""
+  fv = flags.FlagValues()
+  cli.define_experiment_flags(fv)
+  fv(["test", "--scale=smoke", "--noprogress",
+      f"--data_dir={tmp_path / 'no_data_here'}", *extra])
+  return runner.run(cli.experiment_config(fv), fv.workdir, data_dir=fv.data_dir,
+                    show_progress=False)
 
 
 @pytest.mark.parametrize("flag,message", [
@@ -38,6 +39,8 @@ def run_with(tmp_path, *extra):
     ("--target_class=kat", "Did you mean cat"),
     ("--dataset=mnist", "cifar10, cifar100, stl10"),
     ("--model=vgg9", "Did you mean vgg5"),
+    ("--reference_batch_size=0", "positive integer"),
+    ("--finetune_epochs=0", "positive integer"),
 ])
 def test_bad_flag_is_refused_before_any_work(tmp_path, flag, message):
   workdir = tmp_path / "run"
@@ -56,14 +59,20 @@ def test_unwritable_workdir_is_refused_before_any_work(tmp_path):
     run_with(tmp_path, f"--workdir={blocker / 'run'}")
 
 
-def test_command_line_prints_one_line_and_exits_2(tmp_path):
+@pytest.mark.parametrize("script,flag,message", [
+    ("pushing", "--fraction=1.5", "--fraction=1.5: must be in (0, 1] (the paper "
+     "uses 0.1 and 0.5)."),
+    ("blending", "--defence=hashes", "--defence=hashes: value should be one of"),
+])
+def test_command_line_prints_one_line_and_exits_2(tmp_path, script, flag, message):
   out = subprocess.run(
-      [sys.executable, "-m", "experiments.pushing", "--fraction=1.5",
+      [sys.executable, "-m", f"experiments.{script}", flag,
        f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True,
       env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
-  assert out.returncode == 2
-  assert out.stderr.strip() == ("error: --fraction=1.5: must be in (0, 1] (the "
-                                "paper uses 0.1 and 0.5).")
+  assert out.returncode in (1, 2) and message in out.stderr, out.stderr
+  if script == "pushing":
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: " + message
   assert not (tmp_path / "run").exists()
 
 
@@ -77,11 +86,11 @@ def test_truncated_json_in_a_workdir_names_the_file_and_the_fix(tmp_path):
 
 def test_truncated_push_is_pushed_again_not_a_raw_error(tmp_path, capsys):
   import numpy as np
-  from experiments import pushes
+  from experiments import push_cache
   path = tmp_path / "attack" / "pushed-abc.npz"
-  pushes.save(str(path), {"fingerprint": np.asarray("abc"),
-                          "images": np.zeros((4, 8, 8, 3), np.float32)})
-  assert pushes.load(str(path), "abc") is not None
+  push_cache.save(str(path), {"fingerprint": np.asarray("abc"),
+                              "images": np.zeros((4, 8, 8, 3), np.float32)})
+  assert push_cache.load(str(path), "abc") is not None
   path.write_bytes(path.read_bytes()[:40])  # Cut short.
-  assert pushes.load(str(path), "abc") is None
+  assert push_cache.load(str(path), "abc") is None
   assert str(path) in capsys.readouterr().err

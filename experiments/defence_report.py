@@ -1,0 +1,109 @@
+"""The defences experiment's report: ``defences.md`` and ``defences_roc.png``."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+
+from ounl_jax.defences import screening
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ATTACKS = {"blending": "Blending", "pushing_i": "Pushing-I",
+           "pushing_ii": "Pushing-II"}
+SAMPLE_DEFENCES = {"exact_hash": "Hash registry (exact sha256)",
+                   "perceptual_hash": "Hash registry (perceptual pHash)",
+                   "margin": "Boundary margin",
+                   "membership": "Membership (loss)"}
+
+
+def _fmt(value, digits=3):
+  if value is None or (isinstance(value, float) and not np.isfinite(value)):
+    return "n/a"
+  return f"{value:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+  rate = results["config"]["defence"]["false_rejection_rate"]
+  lines = [
+      "# Defences against over-unlearning (paper Sec. VII)", "",
+      f"{results['data_note']}; model `{results['model']}`; attacks on "
+      f"{results['class_a']} ({results['attack_notes']['sizes']}). Thresholds at "
+      f"{rate:.0%} false rejection on {results['honest']['calibration']} honest "
+      "calibration samples "
+      + ("re-encoded as JPEG" if results['config']['defence']['calibrate_on'] ==
+         "jpeg" else "as sent") + "; false rejection measured on "
+      f"{results['honest']['evaluation']} other honest samples, as sent and after "
+      f"JPEG-q{results['config']['defence']['jpeg_quality']}.", "",
+      "| Defence | Attack | Detection rate | ROC AUC | False rejection | "
+      "False rejection (JPEG) | Honest request refusal | "
+      "Honest request refusal (JPEG) |",
+      "|---|---|---|---|---|---|---|---|"]
+  for name, label in SAMPLE_DEFENCES.items():
+    entry = results["sample_defences"][name]
+    for attack, attack_label in ATTACKS.items():
+      a = entry["attacks"][attack]
+      lines.append(
+          f"| {label} | {attack_label} | {_fmt(a['detection_rate'])} | "
+          f"{_fmt(a['auc'])} | {_fmt(entry['false_rejection'])} | "
+          f"{_fmt(entry['false_rejection_jpeg'])} | "
+          f"{_fmt(a['honest_request_refusal'])} | "
+          f"{_fmt(a['honest_request_refusal_jpeg'])} |")
+  guard = results["utility_guard"]
+  for attack, attack_label in ATTACKS.items():
+    a = guard["attacks"][attack]
+    lines.append(f"| Utility guard | {attack_label} | "
+                 f"{_fmt(a.get('detection_rate'))} | {_fmt(a.get('auc'))} | "
+                 f"{_fmt(guard['false_rejection'])} | n/a | "
+                 f"{_fmt(guard['false_rejection'])} | n/a |")
+  b = guard["bounds"]
+  m = results["membership_fit"]
+  lines += [
+      "", "Honest request refusal: fraction of 200 seeded honest requests of the "
+      "attack's size with at least one flagged sample (refused whole, the "
+      "service's default); (JPEG): the same requests re-encoded.",
+      f"Utility guard: bounds from {guard['calibration_requests']} honest requests "
+      f"of {guard['request_size']} samples (overall drop <= "
+      f"{_fmt(b['max_overall_drop'])}, class drop <= {_fmt(b['max_class_drop'])} "
+      "on the validation split); its detection rate is whether the one attack "
+      "request was refused, its false rejection the fraction of "
+      f"{results['config']['defence']['guard_requests']} other honest requests "
+      "refused.",
+      f"Membership threshold on this model: AUC members vs validation "
+      f"{_fmt(m['auc_members_vs_validation'])}, validation samples flagged "
+      f"{_fmt(m['validation_flagged'])}.", ""]
+  return "\n".join(lines)
+
+
+def plot_roc(results: dict, path: str) -> str:
+  fig, axes = plt.subplots(1, len(ATTACKS), figsize=(4.2 * len(ATTACKS), 4.0),
+                           squeeze=False)
+  for ax, (attack, attack_label) in zip(axes[0], ATTACKS.items()):
+    for name, label in SAMPLE_DEFENCES.items():
+      entry = results["sample_defences"][name]
+      a = entry["attacks"][attack]
+      if a.get("scores") is None:
+        continue
+      fpr, tpr = screening.roc_curve(entry["honest_scores"], a["scores"])
+      ax.plot(fpr, tpr, label=f"{label} (AUC {_fmt(a['auc'], 2)})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
+    ax.axvline(results["config"]["defence"]["false_rejection_rate"], color="grey",
+               lw=0.5)
+    ax.set_title(attack_label)
+    ax.set_xlabel("false rejection (honest)")
+    ax.set_ylabel("detection")
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=6, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def strip_arrays(value):
+  """Drops per-sample score arrays from the json (kept small and readable)."""
+  if isinstance(value, dict):
+    return {k: strip_arrays(v) for k, v in value.items()
+            if k not in ("scores", "honest_scores")}
+  return value

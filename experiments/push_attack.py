@@ -1,0 +1,120 @@
+"""The pushing attacks (Sec. III-C, V-B): a push under a sample rule, its submissions.
+
+Whatever pusher ``config.attack.name`` names (``experiments/pushers.py``), the user
+pushes class-A samples under the sample rule (``experiments/pushes.py``) through
+the oracle only, and submits Pushing-I and Pushing-II of the same training ids as
+``normal`` (paired conditions, docs/protocol.md §4, §9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import jax
+import numpy as np
+
+from experiments import common
+from experiments import configs
+from experiments import pipeline
+from experiments import push_cache
+from experiments import pushers
+from experiments import pushes
+from ounl_jax import data as data_lib
+from ounl_jax.attacks import pushing as pushing_lib
+
+
+def push_settings(config: configs.ExperimentConfig, spec: data_lib.DatasetSpec
+                  ) -> pushing_lib.PushSettings:
+  """The config's ``PushSettings`` with the target class as an index."""
+  target = config.attack.target_class
+  return dataclasses.replace(
+      config.attack.push,
+      target_class=None if target is None else data_lib.class_index(spec, target))
+
+
+def _array_digest(*arrays) -> str:
+  digest = hashlib.sha256()
+  for array in arrays:
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def push_fingerprint(ctx: pipeline.Context, config: configs.ExperimentConfig,
+                     candidates: data_lib.LabelledImages) -> str:
+  """Identifies a push: model weights, candidate ids and pixels, every setting."""
+  leaves = jax.tree_util.tree_leaves(ctx.trained.variables)
+  samples = config.samples
+  # The paper's attacker keeps the fingerprint pushes had before --attack existed.
+  attacker = {} if config.attack.name == "zoo" else {"attack": config.attack.name}
+  # Released-rule blocks do not depend on N; a fraction_first push does.
+  size = ({"block_size": pushes.block_size(samples.max_samples)}
+          if samples.rule == "released" else
+          {"fraction": samples.fraction, "max_samples": samples.max_samples})
+  return push_cache.fingerprint({**attacker,
+      "train": ctx.train_config.to_dict(),
+      "model": _array_digest(*[np.asarray(leaf) for leaf in leaves]),
+      "candidates": _array_digest(candidates.ids, candidates.images),
+      "sample_rule": samples.rule, **size,
+      "settings": dataclasses.asdict(push_settings(config, ctx.spec)),
+      "attack_seed": config.attack.seed, "unlearn_seed": samples.seed})
+
+
+def push_for(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: str,
+             *, show_progress: bool = True) -> dict:
+  """The user's push under ``config.samples.rule`` (reused when saved)."""
+  class_a = pipeline.class_a_of(ctx.spec, config)
+  settings = push_settings(config, ctx.spec)
+  samples = config.samples
+  pool = getattr(ctx.splits, samples.pool)
+  pusher = pushers.make(config.attack.name, settings, pushers.start_images(
+      pool.images, pool.labels, class_a, settings.target_class))
+  oracle = lambda: pipeline.new_server(
+      ctx, config, output=pusher.oracle_output).oracle()
+  key = jax.random.key(config.attack.seed)
+  if samples.rule == "released":
+    candidates = pushes.candidate_order(ctx.splits.train, class_a, samples.seed)
+    requested = pushes.requested_count(ctx.splits.train, class_a, samples.fraction,
+                                       samples.max_samples)
+    store = push_cache.block_cache(workdir,
+                                   push_fingerprint(ctx, config, candidates))
+    return push_cache.latest(workdir, pushes.push_released(
+        oracle(), candidates, requested, key, pusher,
+        target_class=settings.target_class,
+        size=pushes.block_size(samples.max_samples), block_store=store,
+        show_progress=show_progress))
+  candidates = pipeline.user_samples(ctx, config)
+  run = lambda: pushes.push_fraction_first(oracle(), candidates, key, pusher,
+                                           show_progress=show_progress)
+  return push_cache.cached_push(
+      workdir, push_fingerprint(ctx, config, candidates), run)
+
+
+def submissions_of(pushed: dict, rows: np.ndarray) -> dict:
+  """Normal, Pushing-I and Pushing-II of the same rows (paired conditions)."""
+  return {name: (pushed[images][rows], pushed[f"{images}_labels"][rows])
+          for name, images in (("normal", "original"), ("pushing_i", "pushing_i"),
+                               ("pushing_ii", "pushing_ii"))}
+
+
+def pushing(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: str,
+            *, show_progress: bool = True) -> pipeline.Submissions:
+  """Clean, normal, Pushing-I and Pushing-II on the same training ids (Sec. V-B)."""
+  pushed = push_for(ctx, config, workdir, show_progress=show_progress)
+  # Paired: the same ids are submitted in every condition, so the conditions
+  # differ only in what the user did to the images.
+  requested = int(pushed["requested"])
+  rows = pushes.submitted_rows(pushed, requested)
+  if not len(rows):
+    raise common.UserError(
+        "No sample was pushed by both Pushing-I and Pushing-II, so nothing can be "
+        "submitted; raise --max_iterations or --max_l2, or use a larger --fraction.")
+  target = config.attack.target_class
+  extra = ({} if target is None
+           else {"target_class": data_lib.class_index(ctx.spec, target)})
+  fields = {"target_class": target, "sample_rule": config.samples.rule,
+            "attacker": config.attack.name, "requested": requested,
+            "short_by": requested - len(rows), "submitted_ids": pushed["ids"][rows]}
+  return pipeline.Submissions(
+      "pushing", submissions_of(pushed, rows), pushes.statistics(pushed), fields,
+      extra, requested, len(rows), pushed["ids"], float(pushed["seconds"]))

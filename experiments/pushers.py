@@ -1,0 +1,78 @@
+"""The black-box pushers behind the pushing attacks (``experiments/attackers.py``).
+
+Each returns a ``pushing.PushResult`` (Pushing-I and Pushing-II submissions), so the
+sample rule, the push cache, the conditions and the reports are shared:
+
+* ``zoo``: the paper's coordinate ZOO-ADAM with the released settings (Sec. III-C).
+* ``zoo_directions``: ZOO with the query-efficient random-direction estimator.
+* ``label_only``: decision-based pushing on the oracle's labels (HopSkipJump-style).
+
+Adding a pusher is one function here, one line in ``PUSHERS`` and one line in
+``attackers.ATTACKS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from ounl_jax.attacks import label_only
+from ounl_jax.attacks import pushing as pushing_lib
+from ounl_jax.attacks import zoo
+
+
+class Attacker(NamedTuple):
+  """``push(oracle, images, labels, key, oracle_state, on_chunk) -> PushResult``."""
+
+  oracle_output: str
+  push: Callable[..., pushing_lib.PushResult]
+
+
+def _zoo(settings: pushing_lib.PushSettings, start_images) -> Attacker:
+  del start_images
+
+  def push(oracle, images, labels, key, oracle_state, on_chunk):
+    return pushing_lib.push(oracle, images, labels, key, settings,
+                            oracle_state=oracle_state, on_chunk=on_chunk)
+  return Attacker("probabilities", push)
+
+
+def _zoo_directions(settings: pushing_lib.PushSettings, start_images) -> Attacker:
+  released = settings.zoo
+  efficient = zoo.query_efficient_settings(
+      max_iterations=released.max_iterations,
+      iterations_per_chunk=released.iterations_per_chunk,
+      sample_chunk_size=released.sample_chunk_size)
+  return _zoo(dataclasses.replace(settings, zoo=efficient), start_images)
+
+
+def _label_only(settings: pushing_lib.PushSettings, start_images) -> Attacker:
+  walk = label_only.LabelOnlySettings(
+      target_class=settings.target_class, max_l2=settings.max_l2,
+      label_mode=settings.label_mode,
+      sample_chunk_size=settings.zoo.sample_chunk_size)
+
+  def push(oracle, images, labels, key, oracle_state, on_chunk):
+    del on_chunk
+    return label_only.label_only_push(oracle, images, labels, key, walk,
+                                      start_images=start_images,
+                                      oracle_state=oracle_state)
+  return Attacker("labels", push)
+
+
+PUSHERS = {"zoo": _zoo, "zoo_directions": _zoo_directions,
+           "label_only": _label_only}
+
+
+def start_images(pool_images, pool_labels, class_a: int, target: int | None,
+                 count: int = 256) -> np.ndarray:
+  """Images the user holds of another class (of the target, when targeted)."""
+  keep = pool_labels == target if target is not None else pool_labels != class_a
+  return np.asarray(pool_images[np.flatnonzero(keep)[:count]])
+
+
+def make(name: str, settings: pushing_lib.PushSettings, start: np.ndarray
+         ) -> Attacker:
+  return PUSHERS[name](settings, start)
