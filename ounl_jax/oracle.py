@@ -287,11 +287,19 @@ def make_oracle(apply: Callable, parameters: Any = None, *,
     output: ``'probabilities'`` (default, the paper's setting) or ``'labels'``.
     budget: optional maximum number of images answered in total.
 
-  Example::
+  Example (a tiny model):
 
-    oracle = make_oracle(Softmax(model.apply), variables,
-                         input_shape=model.input_shape, num_classes=10)
-    answers, state = oracle.query(oracle.init(), x)
+  >>> import jax, numpy as np
+  >>> from ounl_jax import models
+  >>> model = models.get_model("vgg3", num_classes=4, input_shape=(8, 8, 3),
+  ...                          width=2)
+  >>> variables = model.init(jax.random.key(0))
+  >>> oracle = make_oracle(Softmax(model.apply), variables,
+  ...                      input_shape=model.input_shape, num_classes=4)
+  >>> answers, state = oracle.query(oracle.init(),
+  ...                               np.zeros((3, 8, 8, 3), np.float32))
+  >>> answers.shape, int(state.queries)
+  ((3, 4), 3)
   """
   if output not in OUTPUTS:
     raise ValueError(f"Unknown oracle output {output!r}; choose one of {OUTPUTS}.")

@@ -317,12 +317,25 @@ class ServiceEvaluation(NamedTuple):
 class UnlearningService:
   """A prediction service that fulfils unlearning requests (threat model, Sec. II-B).
 
-  Example::
+  Example (a tiny model and test set):
 
-    service = UnlearningService(model, variables, splits.test,
-                                method="first_order", key=jax.random.key(88))
-    receipt = service.unlearn(UnlearningRequest(x_u, y_u))
-    oracle = service.oracle(budget=10_000)   # all an attacker gets
+  >>> import jax, numpy as np
+  >>> from ounl_jax import data as data_lib, models
+  >>> model = models.get_model("vgg3", num_classes=4, input_shape=(8, 8, 3),
+  ...                          width=2)
+  >>> variables = model.init(jax.random.key(0))
+  >>> x = np.linspace(-0.5, 0.5, 4 * 8 * 8 * 3, dtype=np.float32).reshape(
+  ...     4, 8, 8, 3)
+  >>> test = data_lib.LabelledImages(x, np.arange(4, dtype=np.int32), np.arange(4))
+  >>> service = UnlearningService(model, variables, test,
+  ...                             method="first_order", key=jax.random.key(88))
+  >>> receipt = service.unlearn(UnlearningRequest(x[:2], np.array([0, 1])))
+  >>> receipt.num_samples, service.requests_served
+  (2, 1)
+  >>> oracle = service.oracle(budget=10_000)   # all an attacker gets
+  >>> answers, state = oracle.query(oracle.init(), x)
+  >>> answers.shape, int(state.queries)
+  ((4, 4), 4)
   """
 
   def __init__(self, model: models.Model, variables, test_set: data_lib.LabelledImages,

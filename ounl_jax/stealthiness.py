@@ -101,7 +101,8 @@ def ssim(originals: jax.Array, modified: jax.Array) -> jax.Array:
 
   Example:
     >>> x = jnp.zeros((2, 32, 32, 3))
-    >>> ssim(x, x)  # [1., 1.]
+    >>> ssim(x, x).tolist()
+    [1.0, 1.0]
   """
   originals = jnp.asarray(originals, jnp.float32)
   modified = jnp.asarray(modified, jnp.float32)

@@ -249,12 +249,26 @@ def push(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
   Returns:
     ``PushResult``.
 
-  Example::
+  Example (a tiny model, two ZOO iterations):
 
-    settings = PushSettings(target_class=3, label_mode="prediction")  # -> cat
-    result = push(service.oracle(), x_u, y_u, jax.random.key(1216), settings)
-    images, labels, index = result.pushing_ii.successful()
-    service.unlearn(UnlearningRequest(images, labels))
+  >>> import jax, numpy as np
+  >>> from ounl_jax import models, oracle as oracle_lib
+  >>> model = models.get_model("vgg3", num_classes=4, input_shape=(8, 8, 3),
+  ...                          width=2)
+  >>> variables = model.init(jax.random.key(0))
+  >>> oracle = oracle_lib.make_oracle(oracle_lib.Softmax(model.apply), variables,
+  ...                                 input_shape=(8, 8, 3), num_classes=4)
+  >>> x_u, y_u = np.zeros((2, 8, 8, 3), np.float32), np.array([0, 0])
+  >>> settings = PushSettings(zoo=zoo.ZooSettings(max_iterations=2,
+  ...                                             iterations_per_chunk=2),
+  ...                         target_class=3, label_mode="prediction")
+  >>> result = push(oracle, x_u, y_u, jax.random.key(1216), settings)
+  >>> images, labels, index = result.pushing_ii.successful()
+  >>> len(images) == len(labels) == len(index) <= 2
+  True
+
+  A server then unlearns them: ``service.unlearn(UnlearningRequest(images,
+  labels))`` (``ounl_jax.service``).
   """
   images = np.asarray(images, np.float32)
   labels = np.asarray(labels, np.int32)

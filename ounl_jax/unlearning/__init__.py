@@ -8,10 +8,17 @@ its settings in a frozen dataclass, chosen by name from ``METHODS``:
 * ``fine_tune``: SGD on random wrong labels (App. C; docs/protocol.md §6);
 * ``gradient_ascent``: ascent on the submitted samples' loss ("NegGrad").
 
-Example::
+Example (a tiny model; any ``models.Model`` works):
 
-  new_variables = unlearning.unlearn("first_order", model, variables, x_u, y_u,
-                                     jax.random.key(88))
+>>> import jax, numpy as np
+>>> from ounl_jax import models, unlearning
+>>> model = models.get_model("vgg3", num_classes=4, input_shape=(8, 8, 3), width=2)
+>>> variables = model.init(jax.random.key(0))
+>>> x_u, y_u = np.zeros((2, 8, 8, 3), np.float32), np.array([0, 1])
+>>> new_variables = unlearning.unlearn("first_order", model, variables, x_u, y_u,
+...                                    jax.random.key(88))
+>>> sorted(new_variables)
+['batch_stats', 'params']
 """
 
 from __future__ import annotations

@@ -249,11 +249,20 @@ def first_order_unlearn(model: models.Model, variables, images, labels,
                         key: jax.Array, *, settings: FirstOrderSettings):
   """Unlearns (images, labels) with Warnecke's first-order update (Eq. 13).
 
-  Example::
+  Example (a tiny model):
 
-    settings = FirstOrderSettings(tau=2e-4)
-    new_variables = first_order_unlearn(model, variables, x_u, y_u,
-                                        jax.random.key(88), settings=settings)
+  >>> import jax, numpy as np
+  >>> from ounl_jax import models
+  >>> model = models.get_model("vgg3", num_classes=4, input_shape=(8, 8, 3),
+  ...                          width=2)
+  >>> variables = model.init(jax.random.key(0))
+  >>> x_u, y_u = np.zeros((2, 8, 8, 3), np.float32), np.array([0, 1])
+  >>> settings = FirstOrderSettings(tau=2e-4)
+  >>> new_variables = first_order_unlearn(model, variables, x_u, y_u,
+  ...                                     jax.random.key(88), settings=settings)
+  >>> (jax.tree_util.tree_structure(new_variables)
+  ...  == jax.tree_util.tree_structure(variables))
+  True
 
   Args:
     model: the server's model (``apply(variables, x)`` returns logits).
