@@ -76,6 +76,22 @@ def class_a_of(spec: data_lib.DatasetSpec, config: configs.ExperimentConfig) -> 
   return data_lib.class_index(spec, config.samples.unlearn_class or spec.class_a)
 
 
+# Streams derived from ``samples.seed``: the fraction's draw
+# (``data.select_unlearn_set``) uses the seed itself; the cap at ``max_samples``
+# draws from the distinct child stream ``SeedSequence((seed, CAP_STREAM))``, so the
+# cap is not the same permutation that picked the fraction.
+CAP_STREAM = 1
+
+
+def cap_rng(seed: int) -> np.random.Generator:
+  """The generator of the cap at ``max_samples`` (independent of the selection).
+
+  >>> int(cap_rng(88).integers(1000)) != int(np.random.default_rng(88).integers(1000))
+  True
+  """
+  return np.random.default_rng(np.random.SeedSequence((seed, CAP_STREAM)))
+
+
 def user_samples(ctx: Context, config: configs.ExperimentConfig
                  ) -> data_lib.LabelledImages:
   """The user's samples of class A (seeded; the same ids for every condition)."""
@@ -83,7 +99,7 @@ def user_samples(ctx: Context, config: configs.ExperimentConfig
   chosen = data_lib.select_unlearn_set(ctx.splits.train, class_a_of(ctx.spec, config),
                                        samples.fraction, seed=samples.seed)
   if samples.max_samples is not None and len(chosen) > samples.max_samples:
-    keep = np.sort(np.random.default_rng(samples.seed).choice(
+    keep = np.sort(cap_rng(samples.seed).choice(
         len(chosen), samples.max_samples, replace=False))
     chosen = chosen.take(keep)
   return chosen
