@@ -94,6 +94,82 @@ def _checkpoint_tree(state, best_variables, stopping, epoch) -> dict:
           "epoch": np.int32(epoch)}
 
 
+def _resume(epoch_dir: str, history_path: str, state, best_variables, stopping):
+  """The newest intact epoch checkpoint (and history), or the fresh start."""
+  history: list[dict] = []
+  start_epoch = 0
+  resumed = checkpoint.restore_newest_intact(
+      epoch_dir, _checkpoint_tree(state, best_variables, stopping, 0))
+  if resumed is not None:
+    for skipped in resumed.skipped:
+      print(f"checkpoint {skipped.step} is corrupt ({skipped.reason}); resuming "
+            f"from {resumed.step}", flush=True)
+    tree = resumed[1]
+    state, best_variables = tree["state"], tree["best_variables"]
+    stopping = train_lib.EarlyStoppingState(
+        float(tree["best_loss"]), int(tree["best_epoch"]),
+        int(tree["epochs_since_best"]))
+    start_epoch = int(tree["epoch"]) + 1
+    if os.path.exists(history_path):
+      history = common.read_json(history_path)[:start_epoch]
+  return state, best_variables, stopping, history, start_epoch
+
+
+def _final_metrics(config, splits, spec, eval_fn, best_variables, stopping,
+                   history) -> dict:
+  """train_metrics.json: the final accuracies of the early-stopped model."""
+  final = {}
+  for name in ("train", "valid", "test"):
+    split = getattr(splits, name)
+    final[name] = split_report(
+        train_lib.evaluate(eval_fn, best_variables, split.images, split.labels),
+        split, spec)
+  return {
+      "dataset_note": ("CIFAR-10 (JPEG-q75 copy)" if config.dataset == "cifar10"
+                       else config.dataset),
+      "splits": data_lib.describe(splits),
+      "num_params": models.count_params(best_variables["params"]),
+      "learning_rate": learning_rate(config),
+      "best_epoch": stopping.best_epoch,
+      "epochs_run": len(history),
+      "mean_epoch_seconds": (float(np.mean([h["epoch_seconds"] for h in history]))
+                             if history else None),
+      "history": history,
+      "final": final,
+      **common.run_metadata({"train": config.to_dict()}),
+  }
+
+
+def _epoch(config, splits, step_fn, eval_fn, state, best_variables, stopping,
+           key, epoch: int, show_progress: bool):
+  """One training epoch, its validation and early-stopping update."""
+  num_batches = len(splits.train) // config.batch_size
+  bar = common.progress(total=num_batches, desc=f"epoch {epoch + 1}/{config.epochs}",
+                        enabled=show_progress)
+  started = time.time()
+  state, train_metrics = train_lib.train_epoch(
+      step_fn, state, splits.train.images, splits.train.labels, key,
+      batch_size=config.batch_size, on_batch=lambda _: bar.update(1))
+  epoch_seconds = time.time() - started
+  bar.close()
+  valid = train_lib.evaluate(eval_fn, state.variables, splits.valid.images,
+                             splits.valid.labels)
+  stopping, improved, stop = train_lib.early_stopping_update(
+      stopping, valid.loss, epoch, patience=config.patience)
+  if improved:
+    best_variables = jax.tree_util.tree_map(np.asarray, state.variables)
+  record = {"epoch": epoch, "train_loss": train_metrics["loss"],
+            "train_accuracy": train_metrics["accuracy"],
+            "valid_loss": valid.loss, "valid_accuracy": valid.accuracy,
+            "epoch_seconds": epoch_seconds, "improved": improved}
+  if show_progress:
+    print(f"epoch {epoch + 1}: train loss {train_metrics['loss']:.4f} "
+          f"acc {train_metrics['accuracy']:.4f} | valid loss {valid.loss:.4f} "
+          f"acc {valid.accuracy:.4f} | {epoch_seconds:.1f}s"
+          + (" *" if improved else ""), flush=True)
+  return state, best_variables, stopping, stop, record
+
+
 def train_or_restore(config: configs.TrainConfig, workdir: str,
                      splits: data_lib.Splits, *,
                      show_progress: bool = True) -> TrainedModel:
@@ -126,82 +202,27 @@ def train_or_restore(config: configs.TrainConfig, workdir: str,
   step_fn = train_lib.make_train_step(model, optimizer)
   eval_fn = train_lib.make_eval_step(model)
   state = train_lib.init_train_state(variables, optimizer)
-  best_variables = state.variables
-  stopping = train_lib.early_stopping_init()
-  history: list[dict] = []
-  start_epoch = 0
   history_path = os.path.join(workdir, "train_history.json")
-  resumed = checkpoint.restore_newest_intact(
-      epoch_dir, _checkpoint_tree(state, best_variables, stopping, 0))
-  if resumed is not None:
-    for skipped in resumed.skipped:
-      print(f"checkpoint {skipped.step} is corrupt ({skipped.reason}); resuming "
-            f"from {resumed.step}", flush=True)
-    tree = resumed[1]
-    state, best_variables = tree["state"], tree["best_variables"]
-    stopping = train_lib.EarlyStoppingState(
-        float(tree["best_loss"]), int(tree["best_epoch"]),
-        int(tree["epochs_since_best"]))
-    start_epoch = int(tree["epoch"]) + 1
-    if os.path.exists(history_path):
-      history = common.read_json(history_path)[:start_epoch]
-
+  state, best_variables, stopping, history, start_epoch = _resume(
+      epoch_dir, history_path, state, state.variables,
+      train_lib.early_stopping_init())
   train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  num_batches = len(splits.train) // config.batch_size
   stop = stopping.epochs_since_best >= config.patience
   for epoch in range(start_epoch, config.epochs):
     if stop:
       break
-    bar = common.progress(total=num_batches, desc=f"epoch {epoch + 1}/{config.epochs}",
-                          enabled=show_progress)
-    started = time.time()
-    state, train_metrics = train_lib.train_epoch(
-        step_fn, state, splits.train.images, splits.train.labels,
-        jax.random.fold_in(train_key, epoch), batch_size=config.batch_size,
-        on_batch=lambda _: bar.update(1))
-    epoch_seconds = time.time() - started
-    bar.close()
-    valid = train_lib.evaluate(eval_fn, state.variables, splits.valid.images,
-                               splits.valid.labels)
-    stopping, improved, stop = train_lib.early_stopping_update(
-        stopping, valid.loss, epoch, patience=config.patience)
-    if improved:
-      best_variables = jax.tree_util.tree_map(np.asarray, state.variables)
-    history.append({"epoch": epoch, "train_loss": train_metrics["loss"],
-                    "train_accuracy": train_metrics["accuracy"],
-                    "valid_loss": valid.loss, "valid_accuracy": valid.accuracy,
-                    "epoch_seconds": epoch_seconds, "improved": improved})
-    if show_progress:
-      print(f"epoch {epoch + 1}: train loss {train_metrics['loss']:.4f} "
-            f"acc {train_metrics['accuracy']:.4f} | valid loss {valid.loss:.4f} "
-            f"acc {valid.accuracy:.4f} | {epoch_seconds:.1f}s"
-            + (" *" if improved else ""), flush=True)
+    state, best_variables, stopping, stop, record = _epoch(
+        config, splits, step_fn, eval_fn, state, best_variables, stopping,
+        jax.random.fold_in(train_key, epoch), epoch, show_progress)
+    history.append(record)
     # History first: a crash in between leaves it one epoch ahead, and resuming
     # trims it to the checkpoint.
     common.write_json(history_path, history)
     checkpoint.save(epoch_dir, epoch,
                     _checkpoint_tree(state, best_variables, stopping, epoch))
 
-  final = {}
-  for name in ("train", "valid", "test"):
-    split = getattr(splits, name)
-    final[name] = split_report(
-        train_lib.evaluate(eval_fn, best_variables, split.images, split.labels),
-        split, spec)
-  metrics = {
-      "dataset_note": ("CIFAR-10 (JPEG-q75 copy)" if config.dataset == "cifar10"
-                       else config.dataset),
-      "splits": data_lib.describe(splits),
-      "num_params": models.count_params(best_variables["params"]),
-      "learning_rate": learning_rate(config),
-      "best_epoch": stopping.best_epoch,
-      "epochs_run": len(history),
-      "mean_epoch_seconds": (float(np.mean([h["epoch_seconds"] for h in history]))
-                             if history else None),
-      "history": history,
-      "final": final,
-      **common.run_metadata({"train": config.to_dict()}),
-  }
+  metrics = _final_metrics(config, splits, spec, eval_fn, best_variables, stopping,
+                           history)
   checkpoint.save(model_dir, 0, best_variables, max_to_keep=1)
   common.write_json(metrics_path, metrics)
   return TrainedModel(model, best_variables, metrics)
