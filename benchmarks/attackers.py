@@ -1,28 +1,39 @@
-"""Four attackers against one server: ZOO, label-only, gradient through unlearning.
+"""Issue 14's table: every attacker against one server, same N, same model.
 
-On one model (a width-16 VGG-3 trained ``--epochs`` epochs on the CIFAR-10 copy, or
-restored from ``--workdir`` of ``experiments.pushing``) and the same N correctly
-classified airplanes, it runs
+``--workdir`` mode (the cpu-scale table): restores the server model of the main job
+(``python -m experiments.pushing --dataset=cifar10``, its ``checkpoints/model``) and
+its saved push (``attack/pushed.npz``, or ``--pushed``), takes the N samples the main
+job submitted (the first N pushed by both Pushing-I and II in its seeded candidate
+order; N = 400, the paper's 10% of airplane) and compares, on exactly those ids:
 
-* ZOO Pushing-I / II (``pushing.push``, probabilities oracle; its defaults except
-  ``--zoo_max_iterations``),
-* label-only Pushing-I / II (``label_only.label_only_push``, labels oracle; start
-  images: the user's own non-airplane training images),
-* the white-box gradient-through-unlearning attack (``unlearning_gradient``;
-  held-out class-A images: other airplanes the user owns),
-* its transfer variant (a surrogate trained on the validation split, the
-  attacker's own data),
+* ``zoo``: the paper's coordinate ZOO (released settings, Sec. III-C): the main
+  job's saved push, not pushed again (its queries and seconds are the saved ones);
+* ``zoo_directions``: ZOO with random directions (``zoo.query_efficient_settings``,
+  ``--zoo_max_iterations`` as the cpu preset);
+* ``label_only``: HopSkipJump-style pushing on labels only
+  (``label_only.query_efficient_settings``; start images: the user's own
+  non-airplane validation images, as ``experiments.attackers.start_images``);
+* ``white_box``: gradient through the server's first-order update
+  (``unlearning_gradient``; its objective: the user's own validation airplanes);
+* ``transfer``: the same against a surrogate trained on the validation split.
 
-and for each submission a fresh ``service.UnlearningService`` (first-order,
-released defaults) unlearns the successful samples. It prints a Markdown table:
-success rate, queries per sample, attack seconds, the test-set class-A and overall
-accuracy after unlearning, and the class-A gap against normal unlearning of the same
-clean samples. Example (about 6 minutes at the defaults on a busy 2-core CPU):
+For each submission a fresh server holding the clean model (first-order, the
+experiments' defaults: released regime, tau 2e-4, server key 0) unlearns it and is
+evaluated on the test set. The class-A gap is normal unlearning's class-A accuracy
+(the same ids, clean, true labels) minus the row's. Prints a Markdown table and
+writes JSON (config, seeds, versions, commit) to ``--out``
+(default ``WORKDIR/attackers.json``).
 
+Smoke mode (no ``--workdir``): trains a small VGG-3 for ``--epochs`` on the data in
+``TFDS_DATA_DIR`` and pushes ZOO fresh (``--zoo_max_iterations``), for CI-sized runs.
+
+Examples::
+
+  TFDS_DATA_DIR=../shared/tensorflow_datasets nice -n 5 \\
+    python benchmarks/attackers.py --workdir=runs/cifar10 --samples=400
   TFDS_DATA_DIR=../shared/tensorflow_datasets_small \\
-  MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=4294967296 \\
-  MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=268435456 \\
-  python benchmarks/attackers.py --samples=16
+    python benchmarks/attackers.py --samples=8 --epochs=1 --zoo_max_iterations=20 \\
+    --ug_steps=3 --surrogate_epochs=1
 """
 
 from __future__ import annotations
@@ -30,207 +41,383 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import importlib.metadata
 import json
 import os
+import platform
+import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
 
+from ounl_jax import checkpoint
 from ounl_jax import data as data_lib
 from ounl_jax import evaluation
 from ounl_jax import models
 from ounl_jax import service as service_lib
+from ounl_jax import unlearning
 from ounl_jax.attacks import label_only
 from ounl_jax.attacks import pushing
 from ounl_jax.attacks import unlearning_gradient as ug
+from ounl_jax.attacks import zoo
+
+ATTACKERS = ("zoo", "zoo_directions", "label_only", "white_box", "transfer")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def parse_args():
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data_dir", default=None)
+  parser.add_argument("--data_dir", default=None, help="Default: $TFDS_DATA_DIR.")
   parser.add_argument("--workdir", default=None,
-                      help="Restore the server model of an experiments.pushing "
-                           "workdir instead of training one.")
-  parser.add_argument("--samples", type=int, default=16)
+                      help="An experiments.pushing workdir: its model and push.")
+  parser.add_argument("--pushed", default=None,
+                      help="The saved ZOO push (default WORKDIR/attack/pushed.npz).")
+  parser.add_argument("--samples", type=int, default=400)
   parser.add_argument("--class_a", default="airplane")
-  parser.add_argument("--epochs", type=int, default=3)
-  parser.add_argument("--width", type=int, default=16)
-  parser.add_argument("--zoo_max_iterations", type=int, default=100,
-                      help="0 keeps ZOO's default (20,000).")
-  parser.add_argument("--label_only_iterations", type=int, default=20)
-  parser.add_argument("--label_only_directions", type=int, default=64)
-  parser.add_argument("--start_images", type=int, default=64)
-  parser.add_argument("--held_out", type=int, default=64,
-                      help="The attacker's other class-A images (its objective).")
+  parser.add_argument("--epochs", type=int, default=3, help="Smoke mode only.")
+  parser.add_argument("--width", type=int, default=16, help="Smoke mode only.")
+  parser.add_argument("--zoo_max_iterations", type=int, default=300,
+                      help="ZOO iterations (cpu preset 300); the saved push keeps "
+                           "its own.")
+  parser.add_argument("--label_only_iterations", type=int, default=None,
+                      help="Default: label_only.query_efficient_settings (6).")
+  parser.add_argument("--start_images", type=int, default=256)
+  parser.add_argument("--held_out", type=int, default=256,
+                      help="The user's own validation images of class A (the "
+                           "gradient attacks' objective).")
   parser.add_argument("--ug_steps", type=int, default=30)
   parser.add_argument("--ug_learning_rate", type=float, default=0.01)
   parser.add_argument("--surrogate_epochs", type=int, default=10)
   parser.add_argument("--skip", default="",
-                      help="Comma-separated attackers to skip: zoo, label_only, "
-                           "white_box, transfer.")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default=None, help="Optional JSON summary path.")
-  return parser.parse_args()
+                      help=f"Comma-separated attackers to skip: {ATTACKERS}.")
+  parser.add_argument("--seed", type=int, default=1216, help="Attack seed.")
+  parser.add_argument("--server_seed", type=int, default=0)
+  parser.add_argument("--out", default=None, help="JSON path.")
+  args = parser.parse_args(argv)
+  unknown = {s for s in args.skip.split(",") if s} - set(ATTACKERS)
+  if unknown:
+    parser.error(f"--skip: unknown attackers {sorted(unknown)}; choose from "
+                 f"{ATTACKERS}.")
+  return args
 
 
-def server_model(args, data_dir):
-  """(model, variables, splits): restored from --workdir or trained here."""
-  if args.workdir:
-    from experiments import common  # pylint: disable=g-import-not-at-top
-    from experiments import training  # pylint: disable=g-import-not-at-top
-    with open(os.path.join(args.workdir, "train_metrics.json")) as f:
-      saved = json.load(f)["config"]
-    fields = common.TrainConfig.__dataclass_fields__
-    config = common.TrainConfig(**{k: v for k, v in saved.items() if k in fields})
-    splits = training.load_splits(config, data_dir)
-    trained = training.train_or_restore(config, args.workdir, splits,
-                                        show_progress=False)
-    return trained.model, trained.variables, splits
-  splits = data_lib.load("cifar10", data_dir=data_dir, seed=args.seed)
+@dataclasses.dataclass
+class Server:
+  """The model, its data, the unlearning settings and the user's samples."""
+
+  model: models.Model
+  variables: object
+  splits: data_lib.Splits
+  class_a: int
+  unlearning_settings: object
+  server_seed: int
+  images: np.ndarray        # The user's N samples (clean).
+  labels: np.ndarray
+  ids: np.ndarray
+  saved: dict | None        # The main job's ZOO push (workdir mode).
+  saved_rows: np.ndarray | None
+
+  def service(self, output="probabilities") -> service_lib.UnlearningService:
+    return service_lib.UnlearningService(
+        self.model, self.variables, self.splits.test,
+        key=jax.random.key(self.server_seed), method="first_order",
+        settings=self.unlearning_settings, output=output)
+
+  def after_unlearning(self, images, labels) -> dict:
+    """Test-set accuracies after a fresh clean server unlearns (images, labels)."""
+    server = self.service()
+    if len(labels):
+      server.unlearn(service_lib.UnlearningRequest(images, labels))
+    report = server.evaluate(self.class_a).report
+    return {"class_a_accuracy": float(report.class_a_accuracy),
+            "accuracy": float(report.accuracy)}
+
+
+def released_unlearning_settings():
+  """The experiments' default: first-order, released regime (docs/protocol.md §5)."""
+  return dataclasses.replace(unlearning.default_settings("first_order"),
+                             reference_code=True)
+
+
+def restore(args, data_dir) -> Server:
+  """The main job's model, data and submitted samples (workdir mode)."""
+  with open(os.path.join(args.workdir, "train_metrics.json")) as f:
+    train = json.load(f)["config"]["train"]
+  splits = data_lib.load(train["dataset"], data_dir=data_dir, seed=train["seed"],
+                         max_train_per_class=train["max_train_per_class"],
+                         max_test_per_class=train["max_test_per_class"])
+  spec = data_lib.get_spec(train["dataset"])
+  model = models.get_model(train["model"], num_classes=spec.num_classes,
+                           input_shape=spec.image_shape, width=train["width"])
+  like = model.init(jax.random.key(0))
+  restored = checkpoint.restore_latest(
+      os.path.join(args.workdir, "checkpoints", "model"), like)
+  if restored is None:
+    raise SystemExit(f"{args.workdir} holds no trained model; run "
+                     "python -m experiments.pushing there first.")
+  path = args.pushed or os.path.join(args.workdir, "attack", "pushed.npz")
+  with np.load(path) as f:
+    saved = {k: f[k] for k in f.files}
+  both = saved["pushing_i_success"] & saved["pushing_ii_success"]
+  rows = np.flatnonzero(both)[:min(args.samples, int(saved["requested"]))]
+  # The saved originals are the training images: check they are the same data.
+  where = {int(i): r for r, i in enumerate(splits.train.ids)}
+  train_rows = np.asarray([where.get(int(i), -1) for i in saved["ids"][rows]])
+  if (train_rows < 0).any() or not np.allclose(splits.train.images[train_rows],
+                                               saved["original"][rows]):
+    raise SystemExit(f"{path} was pushed on other data than {data_dir}.")
+  saved["path"] = os.path.abspath(path)
+  return Server(model, restored[1], splits,
+                data_lib.class_index(spec, args.class_a),
+                released_unlearning_settings(), args.server_seed,
+                saved["original"][rows].astype(np.float32),
+                saved["original_labels"][rows].astype(np.int32),
+                saved["ids"][rows], saved, rows)
+
+
+def train_small(args, data_dir) -> Server:
+  """Smoke mode: a small VGG-3 trained here; the first N correct class-A samples."""
+  splits = data_lib.load("cifar10", data_dir=data_dir, seed=0)
+  spec = data_lib.get_spec("cifar10")
   model = models.get_model("vgg3", num_classes=10, width=args.width)
-  # The same fixed-epoch recipe as the server's training (AMSGrad, batch 64).
   variables = ug.train_surrogate(model, splits.train.images, splits.train.labels,
-                                 jax.random.key(args.seed), epochs=args.epochs)
-  return model, variables, splits
+                                 jax.random.key(0), epochs=args.epochs)
+  class_a = data_lib.class_index(spec, args.class_a)
+  predicted = evaluation.predict_labels(model, variables, splits.train.images)
+  own = np.flatnonzero(splits.train.labels == class_a)
+  chosen = own[predicted[own] == class_a][:args.samples]
+  train = splits.train
+  return Server(model, variables, splits, class_a, released_unlearning_settings(),
+                args.server_seed, train.images[chosen], train.labels[chosen],
+                train.ids[chosen], None, None)
 
 
-def query_stats(queries: np.ndarray) -> dict:
+def query_stats(queries) -> dict | None:
+  if queries is None or not len(queries):
+    return None
+  queries = np.asarray(queries)
   return {"median": float(np.median(queries)), "mean": float(np.mean(queries)),
           "max": int(np.max(queries))}
 
 
-def after_unlearning(model, variables, splits, class_a, images, labels, seed):
-  """Test-set metrics after a fresh first-order server unlearns (images, labels)."""
-  server = service_lib.UnlearningService(model, variables, splits.test,
-                                         key=jax.random.key(88 + seed))
-  if len(labels):
-    server.unlearn(service_lib.UnlearningRequest(images, labels))
-  report = server.evaluate(class_a).report
-  return {"class_a_accuracy": float(report.class_a_accuracy),
-          "accuracy": float(report.accuracy)}
+def row_for(server: Server, method, images, labels, success, l2, status, *,
+            seconds, queries) -> dict:
+  return {"method": method, "submitted": int(len(labels)),
+          "success_rate": float(np.mean(success)), "attack_seconds": seconds,
+          "queries": query_stats(queries),
+          "mean_l2": float(np.mean(l2[success])) if np.any(success) else None,
+          "status": dict(collections.Counter(np.asarray(status).tolist())),
+          **server.after_unlearning(images, labels)}
 
 
-def main():
-  args = parse_args()
+def pushed_rows(server, name, result: pushing.PushResult, seconds) -> list[dict]:
+  rows = []
+  for which, pushed in (("Pushing-I", result.pushing_i),
+                        ("Pushing-II", result.pushing_ii)):
+    images, labels, _ = pushed.successful()
+    rows.append(row_for(server, f"{name} {which}", images, labels, pushed.success,
+                        pushed.l2, pushed.status, seconds=seconds,
+                        queries=result.queries[result.attacked]))
+  return rows
+
+
+def saved_zoo_rows(server: Server) -> list[dict]:
+  """The main job's ZOO push on the submitted rows (not pushed again)."""
+  saved, rows = server.saved, server.saved_rows
+  attacked = saved["attacked"]
+  out = []
+  for which, name in (("Pushing-I", "pushing_i"), ("Pushing-II", "pushing_ii")):
+    out.append({
+        "method": f"ZOO, coordinates (the paper's; saved push) {which}",
+        "submitted": int(len(rows)),
+        "success_rate": float(saved[f"{name}_success"][attacked].mean()),
+        "attack_seconds": float(saved["seconds"]),
+        "queries": query_stats(saved["queries"][rows]),
+        "queries_all_attacked": query_stats(saved["queries"][attacked]),
+        "mean_l2": float(np.mean(saved[f"{name}_l2"][rows])),
+        "status": dict(collections.Counter(
+            saved[f"{name}_status"][attacked].tolist())),
+        **server.after_unlearning(saved[name][rows].astype(np.float32),
+                                  saved[f"{name}_labels"][rows].astype(np.int32))})
+  return out
+
+
+def zoo_settings(args, estimator: str) -> pushing.PushSettings:
+  if estimator == "directions":
+    settings = zoo.query_efficient_settings(max_iterations=args.zoo_max_iterations,
+                                            iterations_per_chunk=10)
+  else:
+    settings = zoo.ZooSettings(max_iterations=args.zoo_max_iterations,
+                               iterations_per_chunk=10)
+  return pushing.PushSettings(zoo=settings)
+
+
+def label_only_settings(args) -> label_only.LabelOnlySettings:
+  overrides = ({} if args.label_only_iterations is None
+               else {"max_iterations": args.label_only_iterations})
+  return label_only.query_efficient_settings(**overrides)
+
+
+def metadata(args, config: dict) -> dict:
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT,
+                                check=True, capture_output=True,
+                                text=True).stdout.strip())
+  except (OSError, subprocess.CalledProcessError):
+    commit, dirty = None, None
+  versions = {"python": sys.version.split()[0], "platform": platform.platform(),
+              "device": jax.devices()[0].platform}
+  for package in ("jax", "jaxlib", "flax", "optax", "numpy"):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = None
+  return {"args": vars(args), "config": config, "versions": versions,
+          "git": {"commit": commit, "dirty": dirty},
+          "command": " ".join(sys.argv)}
+
+
+def markdown(rows: list[dict], normal_a: float) -> str:
+  lines = ["| method | submitted | success | mean L2 | queries per sample "
+           "median / mean / max | attack s | class A | overall | class-A gap |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    q = row.get("queries")
+    queries = ("-" if q is None else
+               f"{q['median']:,.0f} / {q['mean']:,.0f} / {q['max']:,}")
+    success = ("-" if row.get("success_rate") is None
+               else f"{100 * row['success_rate']:.1f}%")
+    seconds = ("-" if row.get("attack_seconds") is None
+               else f"{row['attack_seconds']:.0f}")
+    l2 = "-" if row.get("mean_l2") is None else f"{row['mean_l2']:.2f}"
+    gap = 100 * (normal_a - row["class_a_accuracy"])
+    lines.append(f"| {row['method']} | {row['submitted']} | {success} | {l2} | "
+                 f"{queries} | {seconds} | {100 * row['class_a_accuracy']:.1f}% | "
+                 f"{100 * row['accuracy']:.1f}% | {gap:+.1f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  args = parse_args(argv)
   skip = {s for s in args.skip.split(",") if s}
   data_dir = args.data_dir or data_lib.default_data_dir()
   started = time.perf_counter()
-  model, variables, splits = server_model(args, data_dir)
-  train_seconds = time.perf_counter() - started
-  spec = data_lib.get_spec("cifar10")
-  class_a = data_lib.class_index(spec, args.class_a)
-  train = splits.train
-  predicted = evaluation.predict_labels(model, variables, train.images)
-  own_a = np.flatnonzero(train.labels == class_a)
-  correct = own_a[predicted[own_a] == class_a]
-  chosen = correct[:args.samples]
-  held_out = np.setdiff1d(own_a, chosen)[:args.held_out]
-  others = np.flatnonzero(train.labels != class_a)[:args.start_images]
-  images, labels = train.images[chosen], train.labels[chosen]
+  server = restore(args, data_dir) if args.workdir else train_small(args, data_dir)
+  setup_seconds = time.perf_counter() - started
+  splits, class_a = server.splits, server.class_a
+  images, labels = server.images, server.labels
   key = jax.random.key(args.seed)
+  # The user's own data: the validation split (never the server's training set).
+  valid = splits.valid
+  start_pool = valid.images[np.flatnonzero(valid.labels != class_a)
+                            [:args.start_images]]
+  held_out = valid.images[np.flatnonzero(valid.labels == class_a)[:args.held_out]]
 
-  def server(output="probabilities"):
-    return service_lib.UnlearningService(model, variables, splits.test,
-                                         key=jax.random.key(88), output=output)
+  rows = [{"method": "clean (no unlearning)", "submitted": 0,
+           **server.after_unlearning(images[:0], labels[:0])},
+          {"method": "normal unlearning (same ids, clean)",
+           "submitted": len(labels), **server.after_unlearning(images, labels)}]
+  print(f"setup {setup_seconds:.0f} s; N = {len(labels)}; normal unlearning "
+        f"class A {rows[1]['class_a_accuracy']:.3f}", flush=True)
 
-  rows = [{"method": "before unlearning", "submitted": 0,
-           **after_unlearning(model, variables, splits, class_a, images[:0],
-                              labels[:0], args.seed)},
-          {"method": "normal unlearning (clean samples)", "submitted": len(labels),
-           **after_unlearning(model, variables, splits, class_a, images, labels,
-                              args.seed)}]
-
-  def add(method, submission: pushing.Pushed, seconds, queries=None):
-    sub_images, sub_labels, _ = submission.successful()
-    ok = submission.success
-    row = {"method": method, "submitted": len(sub_labels),
-           "success_rate": float(ok.mean()), "seconds": seconds,
-           "queries": None if queries is None else query_stats(queries),
-           "mean_l2": float(submission.l2[ok].mean()) if ok.any() else None,
-           "status": collections.Counter(submission.status.tolist()),
-           **after_unlearning(model, variables, splits, class_a, sub_images,
-                              sub_labels, args.seed)}
-    rows.append(row)
+  def timed(function):
+    t = time.perf_counter()
+    value = function()
+    return value, time.perf_counter() - t
 
   if "zoo" not in skip:
-    settings = pushing.PushSettings()
-    if args.zoo_max_iterations:
-      settings = dataclasses.replace(settings, zoo=dataclasses.replace(
-          settings.zoo, max_iterations=args.zoo_max_iterations))
-    t = time.perf_counter()
-    result = pushing.push(server().oracle(), images, labels, jax.random.fold_in(
-        key, 1), settings)
-    seconds = time.perf_counter() - t
-    add("ZOO Pushing-I", result.pushing_i, seconds, result.queries)
-    add("ZOO Pushing-II", result.pushing_ii, seconds, result.queries)
-
+    if server.saved is not None:
+      rows += saved_zoo_rows(server)
+    else:
+      result, seconds = timed(lambda: pushing.push(
+          server.service().oracle(), images, labels, jax.random.fold_in(key, 1),
+          zoo_settings(args, "coordinates")))
+      rows += pushed_rows(server, "ZOO, coordinates (the paper's)", result,
+                          seconds)
+    print(rows[-1]["method"], rows[-1]["class_a_accuracy"], flush=True)
+  if "zoo_directions" not in skip:
+    result, seconds = timed(lambda: pushing.push(
+        server.service().oracle(), images, labels, jax.random.fold_in(key, 2),
+        zoo_settings(args, "directions")))
+    rows += pushed_rows(server, "ZOO, random directions", result, seconds)
+    print(rows[-1]["method"], rows[-1]["class_a_accuracy"], f"{seconds:.0f} s",
+          flush=True)
   if "label_only" not in skip:
-    settings = label_only.LabelOnlySettings(
-        max_iterations=args.label_only_iterations,
-        directions=args.label_only_directions)
-    t = time.perf_counter()
-    result = label_only.label_only_push(server("labels").oracle(), images, labels,
-                                        jax.random.fold_in(key, 2), settings,
-                                        start_images=train.images[others])
-    seconds = time.perf_counter() - t
-    add("label-only Pushing-I", result.pushing_i, seconds, result.queries)
-    add("label-only Pushing-II", result.pushing_ii, seconds, result.queries)
-
-  settings = ug.UnlearningGradientSettings(steps=args.ug_steps,
-                                           learning_rate=args.ug_learning_rate)
+    result, seconds = timed(lambda: label_only.label_only_push(
+        server.service("labels").oracle(), images, labels,
+        jax.random.fold_in(key, 3), label_only_settings(args),
+        start_images=start_pool))
+    rows += pushed_rows(server, "label-only", result, seconds)
+    print(rows[-1]["method"], rows[-1]["class_a_accuracy"], f"{seconds:.0f} s",
+          flush=True)
+  ug_settings = ug.UnlearningGradientSettings(
+      steps=args.ug_steps, learning_rate=args.ug_learning_rate,
+      unlearning=server.unlearning_settings)
   if "white_box" not in skip:
-    t = time.perf_counter()
-    result = ug.unlearning_gradient_attack(model, variables, images, labels,
-                                           train.images[held_out],
-                                           jax.random.fold_in(key, 3), settings)
-    add("gradient through unlearning (white-box)", result.submission,
-        time.perf_counter() - t)
-
+    result, seconds = timed(lambda: ug.unlearning_gradient_attack(
+        server.model, server.variables, images, labels, held_out,
+        jax.random.fold_in(key, 4), ug_settings))
+    sub = result.submission
+    rows.append(row_for(server, "gradient through unlearning, white-box",
+                        *sub.successful()[:2], sub.success, sub.l2, sub.status,
+                        seconds=seconds, queries=None))
+    print(rows[-1]["method"], rows[-1]["class_a_accuracy"], f"{seconds:.0f} s",
+          flush=True)
   if "transfer" not in skip:
-    t = time.perf_counter()
-    surrogate_model = model  # The attacker guesses the architecture, not weights.
-    surrogate = ug.train_surrogate(surrogate_model, splits.valid.images,
-                                   splits.valid.labels, jax.random.fold_in(key, 4),
-                                   epochs=args.surrogate_epochs)
-    result = ug.unlearning_gradient_attack(surrogate_model, surrogate, images,
-                                           labels, train.images[held_out],
-                                           jax.random.fold_in(key, 5), settings)
-    add("gradient through unlearning (transfer)", result.submission,
-        time.perf_counter() - t)
+    def transfer():
+      surrogate = ug.train_surrogate(server.model, valid.images, valid.labels,
+                                     jax.random.fold_in(key, 5),
+                                     epochs=args.surrogate_epochs)
+      return ug.unlearning_gradient_attack(
+          server.model, surrogate, images, labels, held_out,
+          jax.random.fold_in(key, 6), ug_settings)
+    result, seconds = timed(transfer)
+    sub = result.submission
+    rows.append(row_for(server, "gradient through unlearning, transfer "
+                        "(surrogate on the validation split)",
+                        *sub.successful()[:2], sub.success, sub.l2, sub.status,
+                        seconds=seconds, queries=None))
+    print(rows[-1]["method"], rows[-1]["class_a_accuracy"], f"{seconds:.0f} s",
+          flush=True)
 
-  clean_a = rows[1]["class_a_accuracy"]
-  print(f"\nServer: {model.name} ({'restored' if args.workdir else 'trained'} in "
-        f"{train_seconds:.0f} s), {args.samples} requested / {len(labels)} correctly "
-        f"classified {args.class_a} samples, test set of {len(splits.test)}.\n")
-  print("| method | submitted | success | mean L2 | queries median / mean / max "
-        "| attack s | class-A acc | overall acc | class-A gap vs normal |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  normal_a = rows[1]["class_a_accuracy"]
   for row in rows:
-    queries = row.get("queries")
-    q = ("-" if queries is None else
-         f"{queries['median']:.0f} / {queries['mean']:.0f} / {queries['max']}")
-    success = ("-" if "success_rate" not in row
-               else f"{100 * row['success_rate']:.0f}%")
-    seconds = "-" if "seconds" not in row else f"{row['seconds']:.1f}"
-    gap = clean_a - row["class_a_accuracy"]
-    l2 = "-" if row.get("mean_l2") is None else f"{row['mean_l2']:.2f}"
-    print(f"| {row['method']} | {row['submitted']} | {success} | {l2} | {q} | "
-          f"{seconds} | "
-          f"{100 * row['class_a_accuracy']:.1f}% | {100 * row['accuracy']:.1f}% | "
-          f"{100 * gap:+.1f} |")
-  failures = {row["method"]: {k: v for k, v in row["status"].items() if k != "ok"}
-              for row in rows if "status" in row}
-  failures = {k: v for k, v in failures.items() if v}
-  if failures:
-    print(f"\nFailed samples by status: {failures}")
-  print("\nQueries per sample include the clean and verification queries. "
-        "Class-A gap: normal unlearning's class-A accuracy minus this row's "
-        "(positive = over-unlearning).")
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"args": vars(args), "rows": rows, "train_seconds": train_seconds},
-                f, indent=2)
+    row["class_a_gap"] = normal_a - row["class_a_accuracy"]
+  table = markdown(rows, normal_a)
+  print(f"\n{'Restored ' + args.workdir if args.workdir else 'Trained'} "
+        f"{server.model.name}; N = {len(labels)} {args.class_a} samples; test set "
+        f"of {len(splits.test)}; first-order unlearning "
+        f"{dataclasses.asdict(server.unlearning_settings)}.\n")
+  print(table)
+  print("\nQueries per sample include the clean and verification queries. Class-A "
+        "gap: normal unlearning's class-A accuracy minus the row's, in points.")
+  config = {
+      "unlearning": dataclasses.asdict(server.unlearning_settings),
+      "samples": len(labels), "ids": server.ids,
+      "seeds": {"attack": args.seed, "server": args.server_seed},
+      "zoo_directions": dataclasses.asdict(zoo_settings(args, "directions").zoo),
+      "label_only": dataclasses.asdict(label_only_settings(args)),
+      "unlearning_gradient": {"steps": args.ug_steps,
+                              "learning_rate": args.ug_learning_rate,
+                              "surrogate_epochs": args.surrogate_epochs,
+                              "held_out": len(held_out)},
+      "saved_push": None if server.saved is None else {
+          "path": server.saved["path"],
+          "fingerprint": str(server.saved.get("fingerprint"))},
+  }
+  out = args.out or (os.path.join(args.workdir, "attackers.json") if args.workdir
+                     else None)
+  if out:
+    payload = {"rows": rows, "table": table, "setup_seconds": setup_seconds,
+               **metadata(args, config)}
+    with open(out, "w") as f:
+      json.dump(payload, f, indent=2, default=lambda v: np.asarray(v).tolist())
+    print(out)
+  return rows
 
 
 if __name__ == "__main__":
