@@ -22,7 +22,10 @@ It is a process-wide side effect: call it once at the start of an entry point
 (experiments' ``main``, benchmarks), never from library code. It does nothing
 (and says so) where glibc's ``mallopt`` is missing (macOS, musl) or on request.
 ``benchmarks/zoo_throughput.py --allocator`` measures it against the plain
-allocator and the variables (queries/s and peak RSS).
+allocator and the variables (queries/s and peak RSS). Measured on the 2-core CPU
+(VGG-3 width 16, S = 16) it was not adopted: 1.57x the plain peak memory and 0.86x
+the variables' queries/s (WORKSPACE.md, "Speed on a CPU"); glibc's peak RSS with
+large heap blocks also varies from run to run (1.4 to 3.1 GiB for one setting).
 """
 
 from __future__ import annotations
