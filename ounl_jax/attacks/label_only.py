@@ -536,12 +536,24 @@ def label_only_push(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
     samples with a start point, ``Pushed.iteration`` the walk iteration of the
     chosen bracket (0: the first bisection).
 
-  Example::
+  Example (a tiny model and a labels-only oracle):
 
-    settings = LabelOnlySettings()
-    result = label_only_push(service.oracle(), x_u, y_u, jax.random.key(7),
-                             settings, start_images=x_other)
-    images, labels, index = result.pushing_ii.successful()
+  >>> import jax, numpy as np
+  >>> from ounl_jax import models, oracle as oracle_lib
+  >>> model = models.get_model("vgg3", num_classes=4, input_shape=(8, 8, 3),
+  ...                          width=2)
+  >>> variables = model.init(jax.random.key(0))
+  >>> oracle = oracle_lib.make_oracle(oracle_lib.Softmax(model.apply), variables,
+  ...                                 input_shape=(8, 8, 3), num_classes=4,
+  ...                                 output="labels")
+  >>> x = np.zeros((2, 8, 8, 3), np.float32); y = np.array([0, 0])
+  >>> x_other = np.full((4, 8, 8, 3), 0.4, np.float32)
+  >>> settings = query_efficient_settings()
+  >>> result = label_only_push(oracle, x, y, jax.random.key(7), settings,
+  ...                          start_images=x_other)
+  >>> images, labels, index = result.pushing_ii.successful()
+  >>> len(images) == len(labels) == len(index) <= 2
+  True
   """
   images = np.asarray(images, np.float32)
   labels = np.asarray(labels, np.int32)

@@ -233,12 +233,21 @@ def unlearning_gradient_attack(model: models.Model, variables, images, labels,
     key: draws the assumed server noise of every step.
     settings: ``UnlearningGradientSettings``.
 
-  Example::
+  Example (a tiny model, two steps; ``service.unlearn`` then takes the result):
 
-    settings = UnlearningGradientSettings(steps=50)
-    result = unlearning_gradient_attack(model, variables, x_u, y_u, x_mine, key,
-                                        settings)
-    service.unlearn(UnlearningRequest(*result.submission.successful()[:2]))
+  >>> import jax, numpy as np
+  >>> from ounl_jax import models, oracle as oracle_lib
+  >>> model = models.get_model("vgg3", num_classes=4, input_shape=(8, 8, 3),
+  ...                          width=2)
+  >>> variables = model.init(jax.random.key(0))
+  >>> x_u = np.zeros((2, 8, 8, 3), np.float32); y_u = np.array([0, 0])
+  >>> x_mine = np.full((3, 8, 8, 3), 0.1, np.float32)
+  >>> settings = UnlearningGradientSettings(steps=2)
+  >>> result = unlearning_gradient_attack(model, variables, x_u, y_u, x_mine,
+  ...                                     jax.random.key(0), settings)
+  >>> images, labels = result.submission.successful()[:2]
+  >>> images.shape, labels.tolist()
+  ((2, 8, 8, 3), [0, 0])
   """
   images = np.asarray(images, np.float32)
   labels = np.asarray(labels, np.int32)

@@ -823,11 +823,22 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
   Returns:
     ``ZooResult(state, oracle_state)`` with the samples in input order.
 
-  Example::
+  Example (a tiny model, two iterations; every answered image is billed):
 
-    settings = ZooSettings(max_iterations=1000, stop_at_first_crossing=True)
-    result = zoo_attack(service.oracle(), x, y, jax.random.key(1216), settings)
-    x_t = result.state.first_crossing.image.reshape(x.shape)
+  >>> import jax, numpy as np
+  >>> from ounl_jax import models, oracle as oracle_lib
+  >>> model = models.get_model("vgg3", num_classes=4, input_shape=(8, 8, 3),
+  ...                          width=2)
+  >>> variables = model.init(jax.random.key(0))
+  >>> oracle = oracle_lib.make_oracle(oracle_lib.Softmax(model.apply), variables,
+  ...                                 input_shape=(8, 8, 3), num_classes=4)
+  >>> x = np.zeros((2, 8, 8, 3), np.float32); y = np.array([0, 0])
+  >>> settings = ZooSettings(max_iterations=2, iterations_per_chunk=2,
+  ...                        stop_at_first_crossing=True)
+  >>> result = zoo_attack(oracle, x, y, jax.random.key(1216), settings)
+  >>> x_t = result.state.first_crossing.image.reshape(x.shape)
+  >>> int(result.oracle_state.queries) == int(result.state.queries.sum())
+  True
 
   Raises:
     ValueError: the oracle answers labels only.
