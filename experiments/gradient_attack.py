@@ -85,5 +85,6 @@ def transfer(ctx: pipeline.Context, config: configs.ExperimentConfig,
   model = training.build_model(ctx.train_config)
   surrogate = gradient_lib.train_surrogate(
       model, pool.images, pool.labels,
-      jax.random.fold_in(jax.random.key(config.attack.seed), 1))
+      jax.random.fold_in(jax.random.key(config.attack.seed), 1),
+      batch_size=min(ctx.train_config.batch_size, len(pool)))
   return _attack(ctx, config, model, surrogate, "transfer")

@@ -11,7 +11,9 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 
 CONDITION_NAMES = {"clean": "Clean model", "normal": "Normal unlearning",
                    "pushing_i": "Pushing-I", "pushing_ii": "Pushing-II",
-                   "blending": "Blending"}
+                   "blending": "Blending",
+                   "unlearning_gradient": "Gradient (white-box)",
+                   "transfer": "Gradient (transfer)"}
 
 
 def pct(value) -> str:
@@ -65,6 +67,13 @@ def attack_lines(results: dict) -> list[str]:
     return [f"- Blending ratio {results['blend_ratio']} with class "
             f"{results['class_b']}; submitted labels: "
             f"{attack['submitted_label_counts']}; {attack['queries']} oracle queries."]
+  if results["experiment"] == "unlearning_gradient":
+    return [f"- Attacker `{results['attacker']}`"
+            + (" (white-box: the server's model, the upper bound)"
+               if results["white_box"] else " (surrogate transfer)")
+            + f"; {attack['successes']}/{attack['samples']} within the L2 bound "
+            f"(mean {attack['l2_mean']}); objective {attack['objective_first']} -> "
+            f"{attack['objective_final']}."]
   submitted = len(results["submitted_ids"])
   lines = [f"- Attacker `{results.get('attacker', 'zoo')}`; sample rule "
            f"`{results.get('sample_rule', 'fraction_first')}`: N = "
@@ -102,8 +111,9 @@ def markdown(results: dict) -> str:
   """``results.md``: the run's tables in the paper's layout."""
   config = results["config"]
   train = config["train"]
-  title = {"pushing": "Pushing-I / Pushing-II", "blending": "Blending"}[
-      results["experiment"]]
+  title = {"pushing": "Pushing-I / Pushing-II", "blending": "Blending",
+           "unlearning_gradient": "Gradient through unlearning"}[
+               results["experiment"]]
   clean = results["clean_model"]
   lines = [
       f"# {title} on {results['data_note']}",
