@@ -1,7 +1,7 @@
 """The docstrings' ``>>>`` examples run as tests (fast, deterministic).
 
 Every module of ``ounl_jax`` and ``experiments`` is collected; modules whose
-examples are still ``Example::`` prose are listed in ``PENDING`` until converted.
+examples are still ``Example::`` prose would be listed in ``PENDING``.
 """
 
 import doctest
@@ -13,9 +13,8 @@ import pytest
 import experiments
 import ounl_jax
 
-# Owned by other work right now; their Example:: blocks are converted later.
-PENDING = {"ounl_jax.attacks.zoo", "ounl_jax.train", "ounl_jax.attacks.label_only",
-           "ounl_jax.attacks.unlearning_gradient"}
+# Modules whose examples may still be ``Example::`` prose (none left).
+PENDING: set[str] = set()
 
 
 def _modules():

@@ -6,14 +6,11 @@ with TFDS_DATA_DIR pointing at CIFAR-10.
 
 import json
 
-from absl import flags
 import pytest
 
-from experiments import pushing  # noqa: F401  (defines the flags)
-from experiments import runner
 from tests.conftest import real_data_dir
-
-FLAGS = flags.FLAGS
+from tests.test_experiments import parse
+from tests.test_experiments import run_script
 
 
 @pytest.mark.heavy
@@ -22,9 +19,8 @@ def test_cpu_scale_pushing_over_unlearns_airplane(tmp_path):
   """Sec. V-B at the cpu scale: pushing removes more of class A than normal."""
   if real_data_dir() is None:
     pytest.skip("Real CIFAR-10 not found (set TFDS_DATA_DIR).")
-  FLAGS.unparse_flags()
-  FLAGS(["test", "--scale=cpu", f"--workdir={tmp_path}", "--noprogress"])
-  results = json.loads(open(runner.run("pushing")).read())
+  # Later flags win: --scale=cpu replaces parse's --scale=smoke.
+  results = json.loads(open(run_script(parse(tmp_path, "--scale=cpu"))).read())
   conditions = results["conditions"]
   clean = conditions["clean"]["class_a_accuracy"]
   normal = conditions["normal"]["class_a_accuracy"]
