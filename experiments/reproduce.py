@@ -17,6 +17,7 @@ printed is its path.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 
 from absl import flags
@@ -37,6 +38,24 @@ def define_flags(fv, *, table: str = "IV") -> None:
   flags.DEFINE_enum("table", table, list(paper_tables.TABLES),
                     "Which table (or figure: fig5, fig8, fig10) of the paper to "
                     "reproduce.", flag_values=fv)
+  flags.DEFINE_list("points", None, "Run only the grid points whose names match one "
+                    "of these shell patterns (e.g. 'fraction_0.1*'); the report "
+                    "then covers those points. Default: every point.",
+                    flag_values=fv)
+
+
+def grid(table: str, points=None) -> list[tuple[str, dict]]:
+  """The table's grid points, or those matching ``points`` (shell patterns)."""
+  everything = paper_tables.TABLES[table].grid()
+  if not points:
+    return everything
+  chosen = [(name, o) for name, o in everything
+            if any(fnmatch.fnmatch(name, p) for p in points)]
+  if not chosen:
+    raise common.UserError(
+        f"--points={','.join(points)} matches no point of table {table}; its "
+        f"points are {', '.join(name for name, _ in everything)}.")
+  return chosen
 
 
 def run_point(ctx: pipeline.Context, config: configs.ExperimentConfig,
@@ -70,19 +89,20 @@ def report(table: str, dataset: str, measured: dict) -> list[str]:
   return lines
 
 
-def check(table: str, base: configs.ExperimentConfig, workdir: str) -> None:
+def check(table: str, base: configs.ExperimentConfig, workdir: str,
+          points=None) -> None:
   """Every grid point's settings, before any model is trained."""
   wanted = paper_tables.TABLES[table].dataset
   if wanted is not None and base.train.dataset != wanted:
     raise common.UserError(f"--table={table} is the paper's {wanted} table; run "
                            f"it with --dataset={wanted}.")
-  for _, overrides in paper_tables.TABLES[table].grid():
+  for _, overrides in grid(table, points):
     validation.check_experiment(configs.override(base, **overrides))
   validation.check_workdir(workdir)
 
 
 def measure(table: str, base: configs.ExperimentConfig, workdir: str, *,
-            data_dir: str | None, show_progress: bool) -> dict:
+            data_dir: str | None, show_progress: bool, points=None) -> dict:
   """Every grid point of ``table``, one trained model per architecture."""
   spec = paper_tables.TABLES[table]
   models = spec.models or (base.train.model,)
@@ -94,7 +114,8 @@ def measure(table: str, base: configs.ExperimentConfig, workdir: str, *,
     ctx = pipeline.prepare(train_config, model_dir, data_dir=data_dir,
                            show_progress=show_progress)
     for point, overrides in common.progress(
-        spec.grid(), desc=f"table {table} ({model})", enabled=show_progress):
+        grid(table, points), desc=f"table {table} ({model})",
+        enabled=show_progress):
       name = point if len(models) == 1 else f"{model}/{point}"
       config = configs.override(base, model=model, **overrides)
       measured[model if spec.models else name] = run_point(
@@ -103,12 +124,13 @@ def measure(table: str, base: configs.ExperimentConfig, workdir: str, *,
 
 
 def run(table: str, base: configs.ExperimentConfig, workdir: str, *,
-        data_dir: str | None = None, show_progress: bool = True) -> str:
+        data_dir: str | None = None, show_progress: bool = True,
+        points=None) -> str:
   """Runs (or reuses) the table's grid; writes and returns ``report.md``'s path."""
   common.quiet_logs()
-  check(table, base, workdir)
+  check(table, base, workdir, points)
   measured = measure(table, base, workdir, data_dir=data_dir,
-                     show_progress=show_progress)
+                     show_progress=show_progress, points=points)
   root = os.path.join(workdir, f"table_{table}")
   lines = report(table, base.train.dataset, measured)
   os.makedirs(root, exist_ok=True)
@@ -124,7 +146,7 @@ def run(table: str, base: configs.ExperimentConfig, workdir: str, *,
 def main(argv, fv=flags.FLAGS):
   del argv
   path = run(fv.table, cli.experiment_config(fv), fv.workdir, data_dir=fv.data_dir,
-             show_progress=fv.progress)
+             show_progress=fv.progress, points=fv.points)
   with open(path) as f:
     print(f.read())
   print(path)

@@ -94,3 +94,12 @@ def test_truncated_push_is_pushed_again_not_a_raw_error(tmp_path, capsys):
   path.write_bytes(path.read_bytes()[:40])  # Cut short.
   assert push_cache.load(str(path), "abc") is None
   assert str(path) in capsys.readouterr().err
+
+
+def test_reproduce_points_filter_and_refuse_a_pattern_matching_nothing():
+  from experiments import reproduce
+  names = [name for name, _ in reproduce.grid("IV", ["fraction_0.1*"])]
+  assert names == ["fraction_0.1_eq13", "fraction_0.1_released"]
+  assert len(reproduce.grid("IV")) == 4
+  with pytest.raises(common.UserError, match="matches no point of table IV"):
+    reproduce.grid("IV", ["fraction_0.3*"])
