@@ -21,6 +21,8 @@ from experiments import push_cache
 from experiments import pushers
 from experiments import pushes
 from ounl_jax import data as data_lib
+from ounl_jax import devices
+from ounl_jax import oracle as oracle_lib
 from ounl_jax.attacks import pushing as pushing_lib
 
 
@@ -90,6 +92,37 @@ def push_for(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: s
       workdir, push_fingerprint(ctx, config, candidates), run)
 
 
+def throughput(ctx: pipeline.Context, settings: pushing_lib.PushSettings,
+               pushed: dict) -> dict | None:
+  """The push's oracle images/s beside this process's raw forward images/s.
+
+  Only blocks pushed by this process count (a reused block was timed by another
+  one); the forward baseline is the server's softmax on one ZOO call's batch,
+  ``sample_chunk_size * queries_per_iteration`` images (``devices.
+  forward_images_per_second``). None when every block was reused or the push was
+  not made in blocks.
+  """
+  if "block_reused" not in pushed or pushed["block_reused"].all():
+    return None
+  fresh = ~pushed["block_reused"]
+  queries = int(pushed["block_queries"][fresh].sum())
+  seconds = float(pushed["block_seconds"][fresh].sum())
+  zoo_settings = settings.zoo_settings()
+  mesh = devices.sample_mesh()
+  count = devices.round_up(min(zoo_settings.sample_chunk_size, len(pushed["ids"])),
+                           mesh)
+  batch = jax.random.uniform(
+      jax.random.key(0), (count * zoo_settings.queries_per_iteration,)
+      + tuple(ctx.spec.image_shape), minval=-0.5, maxval=0.5)
+  forward = devices.forward_images_per_second(
+      oracle_lib.Softmax(ctx.trained.model.apply), ctx.trained.variables, batch,
+      iterations=2, rounds=2, mesh=mesh)
+  attack = queries / max(seconds, 1e-9)
+  return {"attack_queries_per_second": attack, "forward_images_per_second": forward,
+          "ratio": attack / forward, "blocks_timed": int(fresh.sum()),
+          "devices": len(jax.devices()), "forward_batch": int(batch.shape[0])}
+
+
 def submissions_of(pushed: dict, rows: np.ndarray) -> dict:
   """Normal, Pushing-I and Pushing-II of the same rows (paired conditions)."""
   return {name: (pushed[images][rows], pushed[f"{images}_labels"][rows])
@@ -114,7 +147,9 @@ def pushing(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: st
            else {"target_class": data_lib.class_index(ctx.spec, target)})
   fields = {"target_class": target, "sample_rule": config.samples.rule,
             "attacker": config.attack.name, "requested": requested,
-            "short_by": requested - len(rows), "submitted_ids": pushed["ids"][rows]}
+            "short_by": requested - len(rows), "submitted_ids": pushed["ids"][rows],
+            "throughput": throughput(ctx, push_settings(config, ctx.spec), pushed)
+            if config.attack.name == "zoo" else None}
   return pipeline.Submissions(
       "pushing", submissions_of(pushed, rows), pushes.statistics(pushed), fields,
       extra, requested, len(rows), pushed["ids"], float(pushed["seconds"]))

@@ -146,6 +146,10 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
                     int(b["block_queries"]) for b in blocks)),
                 requested=np.asarray(requested), blocks=np.asarray(len(blocks)),
                 seconds=np.asarray(sum(float(b["block_seconds"]) for b in blocks)),
+                block_queries=np.asarray([int(b["block_queries"]) for b in blocks]),
+                block_seconds=np.asarray([float(b["block_seconds"]) for b in blocks]),
+                block_reused=np.asarray([bool(b.get("reused", False))
+                                         for b in blocks]),
                 reused=np.asarray(all(bool(b.get("reused", False)) for b in blocks)))
   return arrays
 

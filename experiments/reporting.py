@@ -104,6 +104,12 @@ def attack_lines(results: dict) -> list[str]:
                f"{attack['attack_seconds']:.0f}s"
                + (" (reused a saved push)" if attack["reused_saved_push"] else "")
                + ".")
+  speed = results.get("throughput")
+  if speed:
+    lines.append(f"- Throughput: {speed['attack_queries_per_second']:,.0f} oracle "
+                 f"images/s in the attack against {speed['forward_images_per_second']:,.0f}"
+                 f" raw forward images/s of the same model in the same process "
+                 f"(ratio {speed['ratio']:.2f}, {speed['devices']} device(s)).")
   return lines
 
 
