@@ -5,6 +5,7 @@ from __future__ import annotations
 import matplotlib
 import numpy as np
 
+from experiments import adaptive_attacks as adaptive
 from ounl_jax.defences import screening
 
 matplotlib.use("Agg")
@@ -40,10 +41,11 @@ def markdown(results: dict) -> str:
       "False rejection (JPEG) | Honest request refusal | "
       "Honest request refusal (JPEG) |",
       "|---|---|---|---|---|---|---|---|"]
+  attacks = list(results["sample_defences"]["margin"]["attacks"])
   for name, label in SAMPLE_DEFENCES.items():
     entry = results["sample_defences"][name]
-    for attack, attack_label in ATTACKS.items():
-      a = entry["attacks"][attack]
+    for attack in attacks:
+      a, attack_label = entry["attacks"][attack], adaptive.label(attack)
       lines.append(
           f"| {label} | {attack_label} | {_fmt(a['detection_rate'])} | "
           f"{_fmt(a['auc'])} | {_fmt(entry['false_rejection'])} | "
@@ -51,9 +53,9 @@ def markdown(results: dict) -> str:
           f"{_fmt(a['honest_request_refusal'])} | "
           f"{_fmt(a['honest_request_refusal_jpeg'])} |")
   guard = results["utility_guard"]
-  for attack, attack_label in ATTACKS.items():
+  for attack in attacks:
     a = guard["attacks"][attack]
-    lines.append(f"| Utility guard | {attack_label} | "
+    lines.append(f"| Utility guard | {adaptive.label(attack)} | "
                  f"{_fmt(a.get('detection_rate'))} | {_fmt(a.get('auc'))} | "
                  f"{_fmt(guard['false_rejection'])} | n/a | "
                  f"{_fmt(guard['false_rejection'])} | n/a |")
@@ -73,7 +75,30 @@ def markdown(results: dict) -> str:
       f"Membership threshold on this model: AUC members vs validation "
       f"{_fmt(m['auc_members_vs_validation'])}, validation samples flagged "
       f"{_fmt(m['validation_flagged'])}.", ""]
-  return "\n".join(lines)
+  return "\n".join(lines + after_screening_lines(results, attacks))
+
+
+def after_screening_lines(results: dict, attacks: list) -> list[str]:
+  """Class-A accuracy (%) the server ends with when it drops flagged samples."""
+  passed = results.get("after_screening")
+  if not passed:
+    return []
+  screens = ["none", *SAMPLE_DEFENCES]
+  names = {"none": "no screen", **SAMPLE_DEFENCES}
+  lines = ["## What the server unlearns after screening", "",
+           "The server drops the flagged samples and unlearns the rest: class-A "
+           "accuracy (%) after it, with the samples that passed; overall accuracy "
+           "(%) in brackets. Clean model: "
+           f"{100 * passed['clean']['class_a_accuracy']:.1f} "
+           f"({100 * passed['clean']['overall_accuracy']:.1f}).", "",
+           "| Attack | " + " | ".join(names[s] for s in screens) + " |",
+           "|---|" + "---|" * len(screens)]
+  for attack in attacks:
+    cells = [f"{100 * passed[s][attack]['class_a_accuracy']:.1f} "
+             f"({100 * passed[s][attack]['overall_accuracy']:.1f}; "
+             f"{passed[s][attack]['passed']} passed)" for s in screens]
+    lines.append(f"| {adaptive.label(attack)} | " + " | ".join(cells) + " |")
+  return lines + ["", "![trade-off](defences_tradeoff.png)", ""]
 
 
 def plot_roc(results: dict, path: str) -> str:

@@ -9,14 +9,13 @@ utility guard's refusals. The defences themselves are ``experiments/screens.py``
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from experiments import blend_attack
+from experiments import common
 from experiments import configs
 from experiments import pipeline
 from experiments import push_attack
@@ -44,22 +43,20 @@ class DefenceConfig:
   calibrate_on: str = "jpeg"
   seed: int = 0
   pushed: str | None = None         # A pushed.npz to use instead of pushing.
+  # Adaptive users (experiments/adaptive_attacks.py): margins the evading pushes
+  # keep, and the Pushing-II share of the mixed requests.
+  adaptive_kappas: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
+  mix_fractions: tuple[float, ...] = (0.25, 0.5)
+
+  def __post_init__(self):
+    if not all(0 < k < 1 for k in self.adaptive_kappas) or not all(
+        0 < p <= 1 for p in self.mix_fractions):
+      raise common.UserError(
+          f"--adaptive_kappas={list(self.adaptive_kappas)} must lie in (0, 1) and "
+          f"--mix_fractions={list(self.mix_fractions)} in (0, 1].")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
-
-
-def jpeg_reencode(images: np.ndarray, quality: int) -> np.ndarray:
-  """Each image through a JPEG encode/decode at ``quality`` (a re-encoding upload)."""
-  out = []
-  for image in hashing.quantise(images):
-    buffer = io.BytesIO()
-    squeeze = image.shape[-1] == 1
-    Image.fromarray(image[..., 0] if squeeze else image).save(
-        buffer, format="JPEG", quality=quality)
-    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())))
-    out.append(decoded[..., None] if squeeze else decoded)
-  return data_lib.to_unit_range(np.stack(out))
 
 
 def submitted_rows(pushed: dict) -> np.ndarray:
@@ -72,8 +69,9 @@ def submitted_rows(pushed: dict) -> np.ndarray:
 
 def attack_sets(ctx: pipeline.Context, config: configs.ExperimentConfig,
                 workdir: str, pushed_path: str | None,
-                show_progress: bool) -> tuple[dict, np.ndarray, dict]:
-  """What the malicious user submits under each attack, the ids involved, notes."""
+                show_progress: bool) -> tuple[dict, np.ndarray, dict, tuple]:
+  """What the user submits under each attack (``normal``: the pushed rows
+  unmodified), the ids involved, notes, and ``(pushed, rows)``."""
   if pushed_path:
     with np.load(pushed_path) as saved:
       pushed = {k: saved[k] for k in saved.files}
@@ -93,8 +91,12 @@ def attack_sets(ctx: pipeline.Context, config: configs.ExperimentConfig,
   samples = pipeline.user_samples(ctx, config)
   class_b = blend_attack.class_b_of(ctx.spec, config)
   blended = blend_attack.blend(ctx, config, samples)
-  sets = {"blending": (np.asarray(blended.images, np.float32),
-                       np.asarray(blended.labels, np.int32)), **sets}
+  normal = ((pushed["original"][rows].astype(np.float32),
+             pushed["original_labels"][rows].astype(np.int32))
+            if len(rows) else empty)
+  sets = {"normal": normal, "blending": (np.asarray(blended.images, np.float32),
+                                         np.asarray(blended.labels, np.int32)),
+          **sets}
   user_ids = np.union1d(samples.ids, pushed.get("ids", np.zeros(0, np.int64)))
   notes = {"pushed_source": source, "pushed_reused": bool(pushed["reused"]),
            "pushed_fingerprint": (str(pushed["fingerprint"])
@@ -102,7 +104,7 @@ def attack_sets(ctx: pipeline.Context, config: configs.ExperimentConfig,
            "blend_class": ctx.spec.class_names[class_b],
            "blend_ratio": config.attack.blend_ratio,
            "sizes": {k: int(len(v[1])) for k, v in sets.items()}}
-  return sets, user_ids, notes
+  return sets, user_ids, notes, (pushed, rows)
 
 
 def fit_sample_defences(ctx: pipeline.Context, calibration, rate: float):
@@ -133,7 +135,8 @@ def request_refusal_rate(flags_per_sample: np.ndarray, size: int, requests: int,
 def sample_defence_results(scorers, calibration, evaluation, evaluation_jpeg,
                            attacks: dict, settings: DefenceConfig) -> dict:
   rate = settings.false_rejection_rate
-  calibration_images = (jpeg_reencode(calibration.images, settings.jpeg_quality)
+  calibration_images = (screens.jpeg_reencode(calibration.images,
+                                              settings.jpeg_quality)
                         if settings.calibrate_on == "jpeg" else calibration.images)
   results = {}
   for name, score in scorers.items():

@@ -21,7 +21,14 @@ requests of the attack's size refused under the default refuse-whole-request pol
 of the attack's size (bounds = the 1% quantile of their accuracy drops on the
 validation split) and run on each attack request through the service.
 
-Writes ``DIR/defences.json``, ``DIR/defences.md`` and ``DIR/defences_roc.png`` (not
+Adaptive users (``experiments/adaptive_attacks.py``) join the attacks: pushes moved
+to margin kappa (``--adaptive_kappas``) and requests mixing Pushing-II with the
+user's unmodified samples (``--mix_fractions``). For every screen and attack the
+server then drops the flagged samples and unlearns the rest: class-A and overall
+accuracy after it (``after_screening``).
+
+Writes ``DIR/defences.json``, ``DIR/defences.md``, ``DIR/defences_roc.png`` and
+``DIR/defences_tradeoff.png`` (detection against the class-A gap left) (not
 results.json, which belongs to the attack scripts); the last line printed is the
 path of defences.json.
 """
@@ -34,6 +41,7 @@ import time
 
 from absl import flags
 
+from experiments import adaptive_attacks as adaptive
 from experiments import cli
 from experiments import common
 from experiments import configs
@@ -48,15 +56,23 @@ DefenceConfig = study.DefenceConfig
 def measure(ctx: pipeline.Context, config: configs.ExperimentConfig,
             settings: DefenceConfig, workdir: str, show_progress: bool) -> dict:
   """Every defence against every attack (score arrays kept for the ROC plot)."""
-  attacks, user_ids, notes = study.attack_sets(ctx, config, workdir,
-                                               settings.pushed, show_progress)
+  attacks, user_ids, notes, (pushed, rows) = study.attack_sets(
+      ctx, config, workdir, settings.pushed, show_progress)
+  evading, notes["adaptive"] = adaptive.evasion_sets(ctx, config, pushed, rows,
+                                                     settings.adaptive_kappas)
+  attacks.update(evading, **adaptive.mixed_sets(
+      attacks["normal"], attacks["pushing_ii"], settings.mix_fractions))
+  notes["sizes"] = {k: int(len(v[1])) for k, v in attacks.items()}
   calibration, evaluation = study.screens.honest_halves(
       ctx.splits.train, user_ids, settings.honest_samples, settings.seed)
-  evaluation_jpeg = study.jpeg_reencode(evaluation.images, settings.jpeg_quality)
+  evaluation_jpeg = study.screens.jpeg_reencode(evaluation.images,
+                                                settings.jpeg_quality)
   scorers, membership_fit = study.fit_sample_defences(
       ctx, calibration, settings.false_rejection_rate)
   sample_results = study.sample_defence_results(
       scorers, calibration, evaluation, evaluation_jpeg, attacks, settings)
+  screened = adaptive.after_screening(ctx, config, scorers, sample_results,
+                                      attacks)
   size = max(1, max(len(v[1]) for v in attacks.values()))
   guard = study.utility_guard_results(ctx, config, calibration, evaluation,
                                       attacks, settings, size)
@@ -73,6 +89,7 @@ def measure(ctx: pipeline.Context, config: configs.ExperimentConfig,
       "sample_defences": sample_results,
       "membership_fit": membership_fit,
       "utility_guard": guard,
+      "after_screening": screened,
   }
 
 
@@ -90,6 +107,7 @@ def run(config: configs.ExperimentConfig, settings: DefenceConfig, workdir: str,
       {**config.to_dict(), "defence": settings.to_dict()}))
   os.makedirs(workdir, exist_ok=True)
   defence_report.plot_roc(results, os.path.join(workdir, "defences_roc.png"))
+  adaptive.tradeoff_figure(results, os.path.join(workdir, "defences_tradeoff.png"))
   with open(os.path.join(workdir, "defences.md"), "w") as f:
     f.write(defence_report.markdown(results))
   return common.write_json(os.path.join(workdir, "defences.json"),
@@ -116,9 +134,23 @@ def define_flags(fv) -> None:
                     flag_values=fv)
   flags.DEFINE_integer("defence_seed", default.seed, "Seeds the honest halves "
                        "and requests.", flag_values=fv)
+  flags.DEFINE_list("adaptive_kappas", [f"{k:g}" for k in default.adaptive_kappas],
+                    "Margins the adaptive (margin-evading) pushes keep.",
+                    flag_values=fv)
+  flags.DEFINE_list("mix_fractions", [f"{p:g}" for p in default.mix_fractions],
+                    "Pushing-II shares of the adaptive mixed requests.",
+                    flag_values=fv)
   flags.DEFINE_string("pushed", default.pushed, "A pushed.npz to use (default: "
                       "the push matching the flags in WORKDIR/attack, made if "
                       "missing).", flag_values=fv)
+
+
+def _floats(values, name: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(v) for v in values)
+  except ValueError:
+    raise common.UserError(f"--{name}={','.join(values)}: give numbers, e.g. "
+                           f"--{name}=0.1,0.3.") from None
 
 
 def main(argv, fv=flags.FLAGS):
@@ -127,7 +159,9 @@ def main(argv, fv=flags.FLAGS):
       false_rejection_rate=fv.false_rejection_rate,
       honest_samples=fv.honest_samples, guard_requests=fv.guard_requests,
       jpeg_quality=fv.jpeg_quality, calibrate_on=fv.calibrate_on,
-      seed=fv.defence_seed, pushed=fv.pushed)
+      seed=fv.defence_seed, pushed=fv.pushed,
+      adaptive_kappas=_floats(fv.adaptive_kappas, "adaptive_kappas"),
+      mix_fractions=_floats(fv.mix_fractions, "mix_fractions"))
   path = run(cli.experiment_config(fv), settings, fv.workdir,
              data_dir=fv.data_dir, show_progress=fv.progress)
   with open(os.path.join(fv.workdir, "defences.md")) as f:

@@ -16,7 +16,10 @@ Adding a defence is one function here and one line in ``DEFENCES``.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+from PIL import Image
 
 from experiments import configs
 from experiments import pipeline
@@ -28,6 +31,19 @@ from ounl_jax.defences import screening
 
 FALSE_REJECTION_RATE = 0.01   # The defences experiment's default (Sec. VII).
 HONEST_SAMPLES = 2000         # Per half (calibration, evaluation); capped.
+
+
+def jpeg_reencode(images: np.ndarray, quality: int) -> np.ndarray:
+  """Each image through a JPEG encode/decode at ``quality`` (a re-encoding upload)."""
+  out = []
+  for image in hashing.quantise(images):
+    buffer = io.BytesIO()
+    squeeze = image.shape[-1] == 1
+    Image.fromarray(image[..., 0] if squeeze else image).save(
+        buffer, format="JPEG", quality=quality)
+    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())))
+    out.append(decoded[..., None] if squeeze else decoded)
+  return data_lib.to_unit_range(np.stack(out))
 
 
 def honest_halves(train: data_lib.LabelledImages, exclude_ids: np.ndarray,

@@ -379,19 +379,23 @@ def test_defences_experiment_writes_its_table_on_mock_data(mock_cifar10):
   np.savez(pushed_path, ids=np.array([10**6, 10**6 + 1, 10**6 + 2]),
            original=original, pushing_i=original * 0.9,
            pushing_ii=original * 0.8, pushing_i_labels=np.zeros(3, np.int32),
+           original_labels=np.zeros(3, np.int32),
            pushing_ii_labels=np.zeros(3, np.int32),
            pushing_i_success=np.array([True, False, True]),
            pushing_ii_success=np.array([True, True, True]),
            requested=np.asarray(3))
   settings = experiment.DefenceConfig(honest_samples=30, guard_requests=2,
-                                      pushed=pushed_path, calibrate_on="as_sent")
+                                      pushed=pushed_path, calibrate_on="as_sent",
+                                      adaptive_kappas=(0.1,), mix_fractions=(0.5,))
   path = experiment.run(config, settings, str(workdir), show_progress=False)
   assert path == str(workdir / "defences.json")
   results = json.loads((workdir / "defences.json").read_text())
   assert set(results["sample_defences"]) == set(defence_report.SAMPLE_DEFENCES)
   for entry in results["sample_defences"].values():
     assert entry["calibration_false_rejection"] <= 0.01 + 1e-9
-    assert set(entry["attacks"]) == set(defence_report.ATTACKS)
+    assert set(entry["attacks"]) == {
+        "normal", *defence_report.ATTACKS, "pushing_i_kappa0.1",
+        "pushing_ii_kappa0.1", "mixed_0.5"}
     assert "scores" not in entry["attacks"]["blending"]
   # Honest halves are disjoint from each other and from the user's samples.
   assert results["honest"]["calibration"] == results["honest"]["evaluation"] == 30
@@ -404,5 +408,16 @@ def test_defences_experiment_writes_its_table_on_mock_data(mock_cifar10):
     assert exact["attacks"][attack]["detection_rate"] == 1.0
   assert results["utility_guard"]["calibration_requests"] == 2
   md = (workdir / "defences.md").read_text()
-  assert md.startswith("# Defences") and md.count("| Utility guard |") == 3
-  assert (workdir / "defences_roc.png").read_bytes()[:4] == b"\x89PNG"
+  assert md.startswith("# Defences") and md.count("| Utility guard |") == 7
+  for figure in ("defences_roc.png", "defences_tradeoff.png"):
+    assert (workdir / figure).read_bytes()[:4] == b"\x89PNG"
+  # The mixed request: half Pushing-II, half the same user's unmodified samples.
+  assert results["attack_notes"]["sizes"]["mixed_0.5"] == 2
+  # After screening: no screen passes everything; the exact hash drops every
+  # non-training image, so the server ends as clean as it started.
+  passed = results["after_screening"]
+  assert passed["none"]["pushing_ii"]["passed"] == 2
+  assert passed["exact_hash"]["pushing_ii"]["passed"] == 0
+  assert (passed["exact_hash"]["pushing_ii"]["class_a_accuracy"]
+          == passed["clean"]["class_a_accuracy"])
+  assert "## What the server unlearns after screening" in md

@@ -60,6 +60,15 @@ def test_failed_pushes_stay_failed_and_cost_nothing(pushed):
   assert np.isnan(out.images[0]).all()
 
 
+def test_a_margin_no_point_reaches_fails_every_sample(pushed):
+  images, labels, result = pushed
+  out = me.evade_margin(tp.ORACLE, tp.ORACLE.init(), images,
+                        result.pushing_i.images, labels,
+                        me.MarginEvasionSettings(kappa=0.999), inside=True)
+  assert not out.success.any() and np.isnan(out.images).all()
+  assert int(out.oracle_state.queries) == int(out.queries.sum()) > 0
+
+
 def test_bad_settings_are_refused():
   with pytest.raises(ValueError, match="kappa"):
     me.MarginEvasionSettings(kappa=1.5)

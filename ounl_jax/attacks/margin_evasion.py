@@ -67,6 +67,11 @@ class Evaded(NamedTuple):
   oracle_state: oracle_lib.OracleState
 
 
+def _flat(x: np.ndarray) -> np.ndarray:
+  """(N, ...) -> (N, D), also for N = 0."""
+  return x.reshape(len(x), int(np.prod(x.shape[1:])))
+
+
 def _probabilities(oracle, state, images, batch_size):
   answers = []
   for start in range(0, len(images), batch_size):
@@ -144,10 +149,10 @@ def evade_margin(oracle: oracle_lib.Oracle, oracle_state, originals, pushed,
   originals = np.asarray(originals, np.float32)
   pushed = np.asarray(pushed, np.float32)
   class_a = np.asarray(class_a)
-  valid = np.isfinite(pushed).reshape(len(pushed), -1).all(-1)
+  valid = _flat(np.isfinite(pushed)).all(-1)
   directions = np.where(valid.reshape((-1,) + (1,) * (pushed.ndim - 1)),
                         pushed - originals, 0.0)
-  norms = np.linalg.norm(directions.reshape(len(pushed), -1), axis=-1)
+  norms = np.linalg.norm(_flat(directions), axis=-1)
   probe = _Probe(oracle, oracle_state, originals, directions, class_a,
                  target_class, settings, inside)
   rows = np.flatnonzero(valid & (norms > 0))
@@ -169,9 +174,8 @@ def evade_margin(oracle: oracle_lib.Oracle, oracle_state, originals, pushed,
   margins, l2 = np.full(len(pushed), np.nan), np.full(len(pushed), np.nan)
   out[rows[accepted]] = images[accepted]
   margins[rows[accepted]] = margin[accepted]
-  l2[rows[accepted]] = np.linalg.norm(
-      (images[accepted] - originals[rows[accepted]]).reshape(int(accepted.sum()), -1),
-      axis=-1)
+  moved = images[accepted] - originals[rows[accepted]]
+  l2[rows[accepted]] = np.linalg.norm(_flat(moved), axis=-1)
   scale[~success] = np.nan
   return Evaded(out, success, scale, l2, margins, probe.queries, probe.state)
 
