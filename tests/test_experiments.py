@@ -133,7 +133,8 @@ def test_unknown_class_is_a_clear_error(mock_cifar10):
 def strip_timings(value):
   if isinstance(value, dict):
     return {k: strip_timings(v) for k, v in value.items()
-            if "seconds" not in k and k not in ("timings", "reused_saved_push",
+            if "seconds" not in k and k not in ("timings", "throughput",
+                                                "reused_saved_push",
                                                 "command", "git")}
   if isinstance(value, list):
     return [strip_timings(v) for v in value]
