@@ -125,7 +125,7 @@ def tradeoff_figure(results: dict, path: str) -> str:
                   fontsize=7, xytext=(3, 3), textcoords="offset points")
   ax.set_xlabel("detected by the margin screen (1% false rejection)")
   ax.set_ylabel("class-A gap vs normal after screening (points)")
-  ax.set_title("Evading the margin screen costs over-unlearning")
+  ax.set_title("Margin screen against margin-evading pushes (kappa labels)")
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
