@@ -41,17 +41,14 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import importlib.metadata
 import json
 import os
-import platform
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 
+from experiments import common
 from ounl_jax import checkpoint
 from ounl_jax import data as data_lib
 from ounl_jax import evaluation
@@ -64,7 +61,6 @@ from ounl_jax.attacks import unlearning_gradient as ug
 from ounl_jax.attacks import zoo
 
 ATTACKERS = ("zoo", "zoo_directions", "label_only", "white_box", "transfer")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):
@@ -261,24 +257,8 @@ def label_only_settings(args) -> label_only.LabelOnlySettings:
 
 
 def metadata(args, config: dict) -> dict:
-  try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT,
-                                check=True, capture_output=True,
-                                text=True).stdout.strip())
-  except (OSError, subprocess.CalledProcessError):
-    commit, dirty = None, None
-  versions = {"python": sys.version.split()[0], "platform": platform.platform(),
-              "device": jax.devices()[0].platform}
-  for package in ("jax", "jaxlib", "flax", "optax", "numpy"):
-    try:
-      versions[package] = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-      versions[package] = None
-  return {"args": vars(args), "config": config, "versions": versions,
-          "git": {"commit": commit, "dirty": dirty},
-          "command": " ".join(sys.argv)}
+  """The experiments' stamp (versions, commit, command) plus this run's args."""
+  return {"args": vars(args), **common.run_metadata(config)}
 
 
 def markdown(rows: list[dict], normal_a: float) -> str:
