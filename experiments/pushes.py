@@ -137,20 +137,26 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
         f"The model misclassifies all {len(candidates)} training samples of class "
         "A, so none can be pushed; train the model longer (--epochs).")
   tried = int(queue[min(len(blocks) * size, len(queue)) - 1]) + 1
-  arrays = concatenate([{k: v for k, v in b.items() if k in blocks[0]
-                         and k not in BLOCK_ONLY} for b in blocks])
+  arrays = _joined(blocks)
   arrays.update(candidates_tried=np.asarray(tried),
                 candidates_misclassified=np.asarray(int(np.sum(~pushable[:tried]))),
                 screening_queries=np.asarray(len(candidates)),
-                oracle_queries=np.asarray(int(state.queries) + sum(
-                    int(b["block_queries"]) for b in blocks)),
-                requested=np.asarray(requested), blocks=np.asarray(len(blocks)),
-                seconds=np.asarray(sum(float(b["block_seconds"]) for b in blocks)),
+                oracle_queries=np.asarray(int(state.queries)
+                                          + int(arrays["block_queries"].sum())),
+                requested=np.asarray(requested))
+  return arrays
+
+
+def _joined(blocks: list[dict]) -> dict:
+  """The blocks' rows in order, with per-block queries, seconds and reuse."""
+  arrays = concatenate([{k: v for k, v in b.items() if k in blocks[0]
+                         and k not in BLOCK_ONLY} for b in blocks])
+  reused = np.asarray([bool(b.get("reused", False)) for b in blocks])
+  arrays.update(blocks=np.asarray(len(blocks)),
                 block_queries=np.asarray([int(b["block_queries"]) for b in blocks]),
                 block_seconds=np.asarray([float(b["block_seconds"]) for b in blocks]),
-                block_reused=np.asarray([bool(b.get("reused", False))
-                                         for b in blocks]),
-                reused=np.asarray(all(bool(b.get("reused", False)) for b in blocks)))
+                block_reused=reused, reused=np.asarray(reused.all()))
+  arrays["seconds"] = np.asarray(float(arrays["block_seconds"].sum()))
   return arrays
 
 
