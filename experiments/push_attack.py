@@ -42,6 +42,16 @@ def _array_digest(*arrays) -> str:
   return digest.hexdigest()[:16]
 
 
+def _trajectory_settings(settings: pushing_lib.PushSettings) -> dict:
+  """The settings that decide a sample's trajectory: not how many samples or
+  iterations share a compiled call (scheduling only; a sample draws from its own
+  key, docs/protocol.md §19)."""
+  fields = dataclasses.asdict(settings)
+  for name in ("iterations_per_chunk", "sample_chunk_size"):
+    fields["zoo"].pop(name)
+  return fields
+
+
 def push_fingerprint(ctx: pipeline.Context, config: configs.ExperimentConfig,
                      candidates: data_lib.LabelledImages) -> str:
   """Identifies a push: model weights, candidate ids and pixels, every setting."""
@@ -58,7 +68,7 @@ def push_fingerprint(ctx: pipeline.Context, config: configs.ExperimentConfig,
       "model": _array_digest(*[np.asarray(leaf) for leaf in leaves]),
       "candidates": _array_digest(candidates.ids, candidates.images),
       "sample_rule": samples.rule, **size,
-      "settings": dataclasses.asdict(push_settings(config, ctx.spec)),
+      "settings": _trajectory_settings(push_settings(config, ctx.spec)),
       "attack_seed": config.attack.seed, "unlearn_seed": samples.seed})
 
 
@@ -83,7 +93,7 @@ def push_for(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: s
     return push_cache.latest(workdir, pushes.push_released(
         oracle(), candidates, requested, key, pusher,
         target_class=settings.target_class,
-        size=pushes.block_size(samples.max_samples), block_store=store,
+        size=pushes.block_size(samples.max_samples), store=store,
         show_progress=show_progress))
   candidates = pipeline.user_samples(ctx, config)
   run = lambda: pushes.push_fraction_first(oracle(), candidates, key, pusher,
@@ -96,17 +106,16 @@ def throughput(ctx: pipeline.Context, settings: pushing_lib.PushSettings,
                pushed: dict) -> dict | None:
   """The push's oracle images/s beside this process's raw forward images/s.
 
-  Only blocks pushed by this process count (a reused block was timed by another
-  one); the forward baseline is the server's softmax on one ZOO call's batch,
+  Only the samples pushed by this process count (saved ones were timed by
+  another); the forward baseline is the server's softmax on one ZOO call's batch,
   ``sample_chunk_size * queries_per_iteration`` images (``devices.
-  forward_images_per_second``). None when every block was reused or the push was
-  not made in blocks.
+  forward_images_per_second``). None when every sample was reused or the push was
+  not made under the released rule.
   """
-  if "block_reused" not in pushed or pushed["block_reused"].all():
+  if "pushed_now" not in pushed or int(pushed["pushed_now"]) == 0:
     return None
-  fresh = ~pushed["block_reused"]
-  queries = int(pushed["block_queries"][fresh].sum())
-  seconds = float(pushed["block_seconds"][fresh].sum())
+  queries = int(pushed["push_queries"])
+  seconds = float(pushed["seconds"])
   zoo_settings = settings.zoo_settings()
   mesh = devices.sample_mesh()
   count = devices.round_up(min(zoo_settings.sample_chunk_size, len(pushed["ids"])),
@@ -119,7 +128,7 @@ def throughput(ctx: pipeline.Context, settings: pushing_lib.PushSettings,
       iterations=2, rounds=2, mesh=mesh)
   attack = queries / max(seconds, 1e-9)
   return {"attack_queries_per_second": attack, "forward_images_per_second": forward,
-          "ratio": attack / forward, "blocks_timed": int(fresh.sum()),
+          "ratio": attack / forward, "samples_timed": int(pushed["pushed_now"]),
           "devices": len(jax.devices()), "forward_batch": int(batch.shape[0])}
 
 

@@ -53,18 +53,27 @@ def load(path: str, key: str) -> dict | None:
     return None
 
 
-def block_cache(workdir: str, key: str):
-  """A ``block_store`` for ``push_released``: ``attack/blocks-<key>/block-<b>.npz``."""
-  def store(block: int, run) -> dict:
-    path = os.path.join(workdir, "attack", f"blocks-{key}", f"block-{block:04d}.npz")
-    saved = load(path, key)
-    if saved is not None:
-      saved["reused"] = True
-      return saved
-    arrays = run()
-    save(path, {**arrays, "fingerprint": np.asarray(key)})
-    return arrays
-  return store
+class BlockCache:
+  """The released rule's block store on disk (``pushes.MemoryStore``'s methods):
+  ``attack/blocks-<key>/block-<b>.npz``, each holding a block's first rows."""
+
+  def __init__(self, workdir: str, key: str):
+    self.folder = os.path.join(workdir, "attack", f"blocks-{key}")
+    self.key = key
+
+  def _path(self, block: int) -> str:
+    return os.path.join(self.folder, f"block-{block:04d}.npz")
+
+  def load(self, block: int) -> dict | None:
+    return load(self._path(block), self.key)
+
+  def save(self, block: int, rows: dict) -> None:
+    save(self._path(block), {**rows, "fingerprint": np.asarray(self.key)})
+
+
+def block_cache(workdir: str, key: str) -> BlockCache:
+  """A ``store`` for ``pushes.push_released``, shared by every run in ``workdir``."""
+  return BlockCache(workdir, key)
 
 
 def latest(workdir: str, arrays: dict) -> dict:

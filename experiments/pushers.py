@@ -24,10 +24,15 @@ from ounl_jax.attacks import zoo
 
 
 class Attacker(NamedTuple):
-  """``push(oracle, images, labels, key, oracle_state, on_chunk) -> PushResult``."""
+  """``push(oracle, images, labels, key, oracle_state, on_chunk) -> PushResult``.
+
+  ``per_sample_keys``: ``key`` may be (N,) keys, sample i drawing from ``key[i]``
+  alone (then ``pushes.push_released`` pushes in one stream); else one key.
+  """
 
   oracle_output: str
   push: Callable[..., pushing_lib.PushResult]
+  per_sample_keys: bool = False
 
 
 def _zoo(settings: pushing_lib.PushSettings, start_images) -> Attacker:
@@ -36,7 +41,7 @@ def _zoo(settings: pushing_lib.PushSettings, start_images) -> Attacker:
   def push(oracle, images, labels, key, oracle_state, on_chunk):
     return pushing_lib.push(oracle, images, labels, key, settings,
                             oracle_state=oracle_state, on_chunk=on_chunk)
-  return Attacker("probabilities", push)
+  return Attacker("probabilities", push, per_sample_keys=True)
 
 
 def _zoo_directions(settings: pushing_lib.PushSettings, start_images) -> Attacker:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
@@ -32,7 +33,11 @@ PUSHED_FIELDS = ("images", "labels", "l2", "predicted", "iteration", "success",
 # Correctly classified candidates pushed together under the released rule: blocks
 # do not depend on N, so every fraction reuses the blocks of the others.
 BLOCK_SIZE = 128
-BLOCK_ONLY = ("block_queries", "block_seconds", "fingerprint", "reused")
+ROW_FIELDS = ("ids", "original", "original_labels", "predicted_before", "attacked",
+              "crossed", "iterations", "queries", "attack_queries",
+              "evaluation_queries") + tuple(
+    name if field == "images" else f"{name}_{field}"
+    for name in ("pushing_i", "pushing_ii") for field in PUSHED_FIELDS)
 
 
 def to_arrays(samples: data_lib.LabelledImages, result: pushing_lib.PushResult
@@ -89,74 +94,144 @@ def block_size(max_samples: int | None) -> int:
   return BLOCK_SIZE if max_samples is None else max(1, min(BLOCK_SIZE, max_samples))
 
 
+class MemoryStore(dict):
+  """A block store in memory: ``load(b)`` (None if absent) and ``save(b, rows)``.
+
+  ``push_cache.block_cache`` is the same on disk, shared by every run in a workdir.
+  """
+
+  def load(self, block: int) -> dict | None:
+    return self.get(block)
+
+  def save(self, block: int, rows: dict) -> None:
+    self[block] = rows
+
+
+def sample_keys(key: jax.Array, positions: np.ndarray, size: int) -> jax.Array:
+  """The key of queue position p: ``fold_in(fold_in(key, p // size), p % size)``.
+
+  Block b's row r draws from it alone, whatever it is pushed with.
+  """
+  blocks, rows = np.divmod(np.asarray(positions, np.int64), size)
+  fold = jax.vmap(jax.random.fold_in)
+  return fold(fold(jnp.broadcast_to(key, blocks.shape), blocks), rows)
+
+
+def _rows(arrays: dict, begin: int, end: int) -> dict:
+  return {k: arrays[k][begin:end] for k in ROW_FIELDS}
+
+
+def _successes(rows: dict) -> np.ndarray:
+  return rows["pushing_i_success"] & rows["pushing_ii_success"]
+
+
+def _enough(rows: dict, needed: int) -> int:
+  """How many leading rows hold ``needed`` successes (all rows if they do not)."""
+  hits = np.flatnonzero(_successes(rows))
+  return int(hits[needed - 1]) + 1 if len(hits) >= needed else len(rows["ids"])
+
+
+def _push_positions(oracle, candidates, queue, begin, end, key, attack, size, bar,
+                    offset):
+  """Pushes queue positions [begin, end): one stream, or one call per block."""
+  if attack.per_sample_keys:
+    calls = [(begin, end, sample_keys(key, np.arange(begin, end), size))]
+  else:  # Whole blocks only: a block's samples share fold_in(key, b).
+    calls = [(b * size, min((b + 1) * size, end), jax.random.fold_in(key, b))
+             for b in range(begin // size, -(-end // size))]
+  parts, queries = [], 0
+  for first, last, keys in calls:
+    samples = candidates.take(queue[first:last])
+    result = attack.push(oracle, samples.images, samples.labels, keys, oracle.init(),
+                         _bar_callback(bar, offset + first - begin))
+    parts.append(to_arrays(samples, result))
+    queries += int(result.oracle_state.queries)
+  return concatenate(parts), queries
+
+
+def _save_blocks(store, saved: dict, rows: dict, begin: int, size: int) -> None:
+  """Appends pushed rows (from queue position ``begin``) to their blocks."""
+  position, end = begin, begin + len(rows["ids"])
+  while position < end:
+    block, row = divmod(position, size)
+    stop = min((block + 1) * size, end)
+    part = _rows(rows, position - begin, stop - begin)
+    kept = saved.get(block)
+    if kept is not None and row:
+      part = concatenate([_rows(kept, 0, row), part])
+    saved[block] = part
+    store.save(block, part)
+    position = stop
+
+
 def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
                   key: jax.Array, attack, *, target_class: int | None,
-                  size: int = BLOCK_SIZE, block_store=None,
+                  size: int = BLOCK_SIZE, store=None,
                   show_progress: bool = True) -> dict:
   """The released sample rule: push candidates in order until ``requested`` succeed.
 
-  The correctly classified candidates (one counted query each) are pushed in
-  fixed blocks of ``size``, block ``b`` with key ``fold_in(key, b)``, until
-  ``requested`` are pushed by both methods. A block does not depend on
-  ``requested``, so a run at 10% pushes exactly the first blocks of a run at 50%
-  and ``block_store(b, run)`` (see ``block_cache``) lets every fraction share them.
-  Returns the used blocks' arrays, with ``candidates_tried`` (candidates examined,
-  in order), the misclassified among them and the number of screening queries.
+  The correctly classified candidates (one counted query each) form a queue; queue
+  position p is row ``p % size`` of block ``p // size`` and draws from
+  ``sample_keys`` alone, so a run at 10% pushes exactly the first positions of a
+  run at 50%, and blocks saved in ``store`` (``push_cache.block_cache``) serve
+  every fraction. The user pushes exactly the positions still needed, all in one
+  stream whose finished samples are replaced at once (attackers with
+  ``per_sample_keys``; the others push whole blocks, one call each), and pushes
+  the shortfall again if some fail. Returns the used positions' arrays, with
+  ``candidates_tried`` (candidates examined, in order), the misclassified among
+  them, the screening queries, and the queries and seconds of this run's pushes.
   """
-  block_store = block_store or (lambda block, run: run())
+  store = MemoryStore() if store is None else store
   state = oracle.init()
   predicted, state = labels_lib.oracle_predictions(oracle, state, candidates.images)
   pushable = predicted == candidates.labels
   if target_class is not None:
     pushable &= predicted != target_class
   queue = np.flatnonzero(pushable)
-  blocks, done = [], 0
+  taken, saved, done, position = [], {}, 0, 0
+  fresh = {"queries": 0, "seconds": 0.0, "rows": 0}
   bar = common.progress(total=requested, desc="pushing", unit="sample",
                         enabled=show_progress)
-  while done < requested and len(blocks) * size < len(queue):
-    block = len(blocks)
-    samples = candidates.take(queue[block * size:(block + 1) * size])
-
-    def run(samples=samples, block=block, offset=done):
+  while done < requested and position < len(queue):
+    block, row = divmod(position, size)
+    if block not in saved:
+      saved[block] = store.load(block)
+    have = 0 if saved[block] is None else len(saved[block]["ids"])
+    if have > row:  # Saved rows: take those still needed.
+      rows = _rows(saved[block], row, have)
+    else:
+      end = position + requested - done
+      if not attack.per_sample_keys:
+        end = -(-end // size) * size
+      end = min(end, len(queue))
       started = time.time()
-      result = attack.push(oracle, samples.images, samples.labels,
-                           jax.random.fold_in(key, block), oracle.init(),
-                           _bar_callback(bar, offset))
-      return {**to_arrays(samples, result),
-              "block_queries": np.asarray(int(result.oracle_state.queries)),
-              "block_seconds": np.asarray(time.time() - started)}
-
-    arrays = block_store(block, run)
-    blocks.append(arrays)
-    done += int(np.sum(arrays["pushing_i_success"] & arrays["pushing_ii_success"]))
+      rows, queries = _push_positions(oracle, candidates, queue, position, end,
+                                      key, attack, size, bar, done)
+      fresh["queries"] += queries
+      fresh["seconds"] += time.time() - started
+      fresh["rows"] += end - position
+      _save_blocks(store, saved, rows, position, size)
+    rows = _rows(rows, 0, _enough(rows, requested - done))
+    taken.append(rows)
+    done += int(_successes(rows).sum())
+    position += len(rows["ids"])
     bar.n = min(done, requested)
     bar.refresh()
   bar.close()
-  if not blocks:
+  if not taken:
     raise common.UserError(
         f"The model misclassifies all {len(candidates)} training samples of class "
         "A, so none can be pushed; train the model longer (--epochs).")
-  tried = int(queue[min(len(blocks) * size, len(queue)) - 1]) + 1
-  arrays = _joined(blocks)
-  arrays.update(candidates_tried=np.asarray(tried),
-                candidates_misclassified=np.asarray(int(np.sum(~pushable[:tried]))),
-                screening_queries=np.asarray(len(candidates)),
-                oracle_queries=np.asarray(int(state.queries)
-                                          + int(arrays["block_queries"].sum())),
-                requested=np.asarray(requested))
-  return arrays
-
-
-def _joined(blocks: list[dict]) -> dict:
-  """The blocks' rows in order, with per-block queries, seconds and reuse."""
-  arrays = concatenate([{k: v for k, v in b.items() if k in blocks[0]
-                         and k not in BLOCK_ONLY} for b in blocks])
-  reused = np.asarray([bool(b.get("reused", False)) for b in blocks])
-  arrays.update(blocks=np.asarray(len(blocks)),
-                block_queries=np.asarray([int(b["block_queries"]) for b in blocks]),
-                block_seconds=np.asarray([float(b["block_seconds"]) for b in blocks]),
-                block_reused=reused, reused=np.asarray(reused.all()))
-  arrays["seconds"] = np.asarray(float(arrays["block_seconds"].sum()))
+  arrays = concatenate(taken)
+  tried = int(queue[position - 1]) + 1
+  arrays.update(
+      candidates_tried=np.asarray(tried),
+      candidates_misclassified=np.asarray(int(np.sum(~pushable[:tried]))),
+      screening_queries=np.asarray(len(candidates)),
+      oracle_queries=np.asarray(int(state.queries) + int(arrays["queries"].sum())),
+      requested=np.asarray(requested), push_queries=np.asarray(fresh["queries"]),
+      seconds=np.asarray(fresh["seconds"]), pushed_now=np.asarray(fresh["rows"]),
+      reused=np.asarray(fresh["rows"] == 0))
   return arrays
 
 

@@ -1,4 +1,5 @@
-"""The released sample rule's fixed blocks (experiments/pushes.py, docs/protocol.md §4)."""
+"""The released sample rule's queue of saved blocks (experiments/pushes.py,
+docs/protocol.md §4)."""
 
 import jax
 import numpy as np
@@ -6,8 +7,9 @@ import numpy as np
 from experiments import pushers
 from experiments import pushes
 from ounl_jax import data as data_lib
-from ounl_jax.attacks import pushing
 from tests import test_pushing as tp
+
+ROWS = ("ids", "pushing_i", "pushing_ii", "queries", "iterations")
 
 
 def candidates(count=20):
@@ -17,36 +19,49 @@ def candidates(count=20):
   return data_lib.LabelledImages(images, labels, np.arange(100, 100 + count))
 
 
-def push(requested, store, size=4):
-  attack = pushers.make("zoo", tp.UNTARGETED, None)
+class RecordingStore(pushes.MemoryStore):
+  """Remembers which blocks were read and written, and with how many rows."""
+
+  def __init__(self):
+    super().__init__()
+    self.loads, self.saves = [], []
+
+  def load(self, block):
+    self.loads.append(block)
+    return super().load(block)
+
+  def save(self, block, rows):
+    self.saves.append((block, len(rows["ids"])))
+    super().save(block, rows)
+
+
+def push(requested, store=None, size=4, per_sample_keys=True):
+  attack = pushers.make("zoo", tp.UNTARGETED, None)._replace(
+      per_sample_keys=per_sample_keys)
   return pushes.push_released(tp.make_oracle(), candidates(), requested,
                               jax.random.key(7), attack, target_class=None,
-                              size=size, block_store=store, show_progress=False)
+                              size=size, store=store, show_progress=False)
 
 
-def recording_store(saved, calls):
-  def store(block, run):
-    calls.append((block, block in saved))
-    if block not in saved:
-      saved[block] = run()
-    return saved[block]
-  return store
+def assert_same_rows(a, b):
+  for name in ROWS:
+    np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6)
 
 
-def test_small_n_is_the_prefix_of_large_n_and_reuses_its_blocks():
-  small_alone = push(3, None)
-  saved, calls = {}, []
-  large = push(9, recording_store(saved, calls))
-  assert [c[1] for c in calls] == [False] * len(calls) and len(calls) >= 3
-  calls.clear()
-  small = push(3, recording_store(saved, calls))
-  # The small request only reads the first block(s) of the large one...
-  assert calls == [(0, True)]
+def test_small_n_is_the_prefix_of_large_n_and_reads_only_saved_rows():
+  small_alone = push(3)
+  store = RecordingStore()
+  large = push(9, store)
+  assert int(large["pushed_now"]) == len(large["ids"]) and store.saves
+  store.saves.clear()
+  small = push(3, store)
+  assert int(small["pushed_now"]) == 0 and bool(small["reused"])
+  assert store.saves == [] and store.loads[-1] == 0
   rows = pushes.submitted_rows(small, 3)
-  np.testing.assert_array_equal(rows, pushes.submitted_rows(large, 9)[:3])
-  # ...and is bit-identical to the same request pushed from nothing.
-  for name in ("ids", "pushing_i", "pushing_ii", "queries"):
-    np.testing.assert_array_equal(small[name], small_alone[name])
+  np.testing.assert_array_equal(small["ids"][rows],
+                                large["ids"][pushes.submitted_rows(large, 9)[:3]])
+  # ...and the same as the small request pushed from nothing (one key per sample).
+  assert_same_rows(small, small_alone)
   assert small["candidates_tried"] == small_alone["candidates_tried"]
   assert small["oracle_queries"] == small_alone["oracle_queries"]
   # Misclassified candidates are skipped and counted, never pushed.
@@ -55,7 +70,35 @@ def test_small_n_is_the_prefix_of_large_n_and_reuses_its_blocks():
       np.isin(candidates().ids, small["ids"])]).all()
 
 
-def test_oracle_total_counts_screening_and_every_block():
-  pushed = push(9, None)
+def test_large_n_after_small_n_pushes_only_the_positions_still_needed():
+  store = RecordingStore()
+  small = push(3, store)
+  large = push(9, store)
+  assert int(large["pushed_now"]) == len(large["ids"]) - len(small["ids"])
+  assert_same_rows(large, push(9))
+  # A partly filled block is completed in place, never pushed twice.
+  block, rows = store.saves[-1]
+  assert rows <= 4 and block == (len(large["ids"]) - 1) // 4
+
+
+def test_one_stream_pushes_exactly_the_shortfall():
+  pushed = push(9)
+  successes = int(pushes._successes(pushed).sum())
+  assert successes == 9 or int(pushed["candidates_tried"]) == len(candidates())
+  # Nothing beyond the ninth success was pushed.
+  assert pushed["pushing_i_success"][-1] and pushed["pushing_ii_success"][-1]
+
+
+def test_attackers_with_one_key_push_whole_blocks():
+  store = RecordingStore()
+  pushed = push(3, store, per_sample_keys=False)
+  assert store.saves == [(0, 4)]
+  assert int(pushed["pushed_now"]) == 4
+  assert len(pushed["ids"]) <= 4   # Only the rows needed are submitted from it.
+
+
+def test_oracle_total_counts_screening_and_every_push():
+  pushed = push(9)
   assert int(pushed["oracle_queries"]) == len(candidates()) + int(
       pushed["queries"].sum())
+  assert int(pushed["push_queries"]) == int(pushed["queries"].sum())

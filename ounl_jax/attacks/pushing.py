@@ -241,7 +241,8 @@ def push(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
   Args:
     oracle: the black-box service (probabilities); never the model's parameters.
     images: (N, H, W, C) the user's samples in [-0.5, 0.5]; labels: (N,) class A.
-    key: typed PRNG key (the ZOO coordinate draws).
+    key: typed PRNG key (the ZOO coordinate draws), or (N,) keys, one per sample
+      (``zoo.zoo_attack``).
     settings: ``PushSettings``.
     oracle_state: the user's query count so far (default ``oracle.init()``).
     on_chunk: progress callback, called with a ``zoo.ZooProgress``.

@@ -304,7 +304,8 @@ def zoo_init(images, labels, key: jax.Array, settings: ZooSettings, *,
     images: (S, H, W, C) in [-0.5, 0.5].
     labels: (S,) original classes A.
     key: typed PRNG key; sample s uses ``fold_in(key, sample_ids[s])``, so its
-      coordinate draws do not depend on which samples share its chunk.
+      coordinate draws do not depend on which samples share its chunk. Or (S,)
+      keys, sample s drawing from ``key[s]`` (``sample_ids`` unused).
     settings: ``ZooSettings``.
     targets: (S,) target classes; required when ``settings.targeted``.
     active: (S,) bool, samples to attack (others start done, with no query).
@@ -333,7 +334,8 @@ def zoo_init(images, labels, key: jax.Array, settings: ZooSettings, *,
       original=original,
       anchor=jnp.arctanh(original * settings.tanh_scale),
       original_class=labels, target_class=target_class,
-      keys=jax.vmap(jax.random.fold_in, (None, 0))(key, sample_ids),
+      keys=(key if jnp.ndim(key) else
+            jax.vmap(jax.random.fold_in, (None, 0))(key, sample_ids)),
       modifier=zeros,
       adam=CoordinateAdamState(zeros, zeros, jnp.zeros(original.shape, jnp.int32)),
       iterations=jnp.zeros((count,), jnp.int32),
@@ -807,7 +809,8 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
   Args:
     oracle: the black-box service (probabilities).
     images: (N, H, W, C) in [-0.5, 0.5]; labels: (N,) their classes A.
-    key: typed PRNG key for the coordinate draws.
+    key: typed PRNG key for the coordinate draws, or (N,) keys, one per sample
+      (sample i then draws from ``key[i]`` alone, whoever shares its batch).
     settings: ``ZooSettings``.
     targets: (N,) or one target class, for a targeted attack.
     active: (N,) bool, which samples to attack (default all); the others are
@@ -857,6 +860,10 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
   active = (np.ones((total,), bool) if active is None
             else np.asarray(active, bool))
   oracle_state = oracle.init() if oracle_state is None else oracle_state
+  per_sample = jnp.ndim(key) > 0
+  if per_sample and key.shape != (total,):
+    raise ValueError(f"{key.shape[0]} keys for {total} samples; pass one key or "
+                     "one per sample.")
   mesh = devices_lib.sample_mesh() if mesh is None else mesh
   sharded = devices_lib.is_sharded(mesh)
   devices = devices_lib.device_count(mesh) if sharded else 1
@@ -865,7 +872,8 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
 
   def init(ids, live=True):
     ids = np.asarray(ids, np.int64)
-    return zoo_init(images[ids], labels[ids], key, settings,
+    return zoo_init(images[ids], labels[ids], key[ids] if per_sample else key,
+                    settings,
                     targets=None if targets is None else targets[ids],
                     active=np.full(len(ids), live), sample_ids=ids)
 
