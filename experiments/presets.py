@@ -33,7 +33,7 @@ SCALES = {
         "max_iterations": 300,
         # Finished samples are neither answered nor billed (masked queries); short
         # chunks refill their slots sooner, which saves compute.
-        "iterations_per_chunk": 10,
+        "iterations_per_chunk": 2,
         "max_samples": None,
     },
     "paper": {
