@@ -36,7 +36,8 @@ def _steps(out):
     with open(path) as f:
       for line in f:
         name, status, seconds = line.rstrip("\n").split("\t")
-        steps[name] = {"exit_status": int(status), "seconds": round(float(seconds), 1)}
+        steps[name] = {"exit_status": int(status),
+                       "seconds": round(float(seconds), 1) if seconds else None}
   return steps
 
 

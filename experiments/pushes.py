@@ -164,6 +164,22 @@ def _save_blocks(store, saved: dict, rows: dict, begin: int, size: int) -> None:
     position = stop
 
 
+def _warn_if_few_succeed(rows: dict, needed: int, left: int) -> None:
+  """Says so when fewer than half of a stream succeed: the rule would push on."""
+  successes = int(_successes(rows).sum())
+  pushed = len(rows["ids"])
+  if successes >= needed or 2 * successes >= pushed:
+    return
+  reasons = np.unique(rows["pushing_ii_status"][~_successes(rows)],
+                      return_counts=True)
+  why = ", ".join(f"{int(c)} {r}" for r, c in zip(*reasons))
+  estimate = (needed - successes) * pushed // max(successes, 1)
+  common.warn(f"Only {successes} of {pushed} pushed samples succeeded ({why}); at "
+              f"this rate the {needed - successes} still needed take about "
+              f"{estimate} more candidates ({left} are left). Raise --max_iterations "
+              "(no_crossing) or lower --fraction.")
+
+
 def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
                   key: jax.Array, attack, *, target_class: int | None,
                   size: int = BLOCK_SIZE, store=None,
@@ -211,6 +227,7 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
       fresh["seconds"] += time.time() - started
       fresh["rows"] += end - position
       _save_blocks(store, saved, rows, position, size)
+      _warn_if_few_succeed(rows, requested - done, len(queue) - end)
     rows = _rows(rows, 0, _enough(rows, requested - done))
     taken.append(rows)
     done += int(_successes(rows).sum())

@@ -1,6 +1,8 @@
 """The released sample rule's queue of saved blocks (experiments/pushes.py,
 docs/protocol.md §4)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -102,3 +104,16 @@ def test_oracle_total_counts_screening_and_every_push():
   assert int(pushed["oracle_queries"]) == len(candidates()) + int(
       pushed["queries"].sum())
   assert int(pushed["push_queries"]) == int(pushed["queries"].sum())
+
+
+def test_a_stream_where_most_fail_says_how_to_fix_it(capsys):
+  short = dataclasses.replace(
+      tp.UNTARGETED, zoo=dataclasses.replace(tp.ZOO, max_iterations=1))
+  attack = pushers.make("zoo", short, None)
+  pushed = pushes.push_released(tp.make_oracle(), candidates(), 9,
+                                jax.random.key(7), attack, target_class=None,
+                                size=4, show_progress=False)
+  # Every candidate was tried (the rule pushes on), and the user was told why.
+  assert int(pushed["candidates_tried"]) == len(candidates())
+  err = capsys.readouterr().err
+  assert "no_crossing" in err and "--max_iterations" in err
