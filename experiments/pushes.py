@@ -142,18 +142,47 @@ def _enough(rows: dict, needed: int) -> int:
   return int(hits[needed - 1]) + 1 if len(hits) >= needed else len(rows["ids"])
 
 
+def screening_margin(answers: np.ndarray) -> np.ndarray:
+  """log p_top1 - log p_top2 of each screening answer (zeros for labels).
+
+  How far the clean model puts a sample from its boundary: it ranks the ZOO
+  iterations a sample needs (Spearman 0.88 on the cpu-scale model's 768 first
+  candidates).
+
+  >>> screening_margin(np.array([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1]])).round(2)
+  array([1.25, 0.22])
+  """
+  if answers.ndim == 1:
+    return np.zeros(answers.shape, np.float32)
+  top = np.sort(np.log(np.maximum(answers, 1e-30)), axis=-1)
+  return top[:, -1] - top[:, -2]
+
+
+def _push_stream(oracle, samples, keys, attack, hardness, on_chunk):
+  """One stream, hardest (largest ``hardness``) admitted first, so that the slow
+  samples do not start last; rows come back in queue order (each sample draws
+  from its own key, so the order changes nothing else)."""
+  order = np.argsort(-hardness, kind="stable")
+  result = attack.push(oracle, samples.images[order], samples.labels[order],
+                       keys[order], oracle.init(), on_chunk)
+  arrays = to_arrays(samples.take(order), result)
+  back = np.argsort(order)
+  return {k: v[back] for k, v in arrays.items()}, int(result.oracle_state.queries)
+
+
 def _push_positions(oracle, candidates, queue, begin, end, key, attack, size, bar,
-                    offset):
+                    offset, hardness):
   """Pushes queue positions [begin, end): one stream, or one call per block."""
   if attack.per_sample_keys:
-    calls = [(begin, end, sample_keys(key, np.arange(begin, end), size))]
-  else:  # Whole blocks only: a block's samples share fold_in(key, b).
-    calls = [(b * size, min((b + 1) * size, end), jax.random.fold_in(key, b))
-             for b in range(begin // size, -(-end // size))]
+    samples = candidates.take(queue[begin:end])
+    return _push_stream(oracle, samples, sample_keys(key, np.arange(begin, end), size),
+                        attack, hardness[queue[begin:end]], _bar_callback(bar, offset))
   parts, queries = [], 0
-  for first, last, keys in calls:
+  for b in range(begin // size, -(-end // size)):  # Whole blocks: fold_in(key, b).
+    first, last = b * size, min((b + 1) * size, end)
     samples = candidates.take(queue[first:last])
-    result = attack.push(oracle, samples.images, samples.labels, keys, oracle.init(),
+    result = attack.push(oracle, samples.images, samples.labels,
+                         jax.random.fold_in(key, b), oracle.init(),
                          _bar_callback(bar, offset + first - begin))
     parts.append(to_arrays(samples, result))
     queries += int(result.oracle_state.queries)
@@ -203,8 +232,9 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
   run at 50%, and blocks saved in ``store`` (``push_cache.block_cache``) serve
   every fraction. The user pushes exactly the positions still needed, all in one
   stream whose finished samples are replaced at once (attackers with
-  ``per_sample_keys``; the others push whole blocks, one call each), with a few
-  ``spare`` positions, and pushes the shortfall again if more fail. Returns the used positions' arrays, with
+  ``per_sample_keys``, hardest first by ``screening_margin``; the others push
+  whole blocks, one call each), with a few ``spare`` positions, and pushes the
+  shortfall again if more fail. Returns the used positions' arrays, with
   ``candidates_tried`` (candidates examined, in order), the misclassified among
   them, the screening queries, ``oracle_queries`` (screening plus the used
   positions' queries: the same whether pushed now or read) and ``push_queries``
@@ -212,11 +242,13 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
   """
   store = MemoryStore() if store is None else store
   state = oracle.init()
-  predicted, state = labels_lib.oracle_predictions(oracle, state, candidates.images)
+  answers, state = labels_lib.oracle_answers(oracle, state, candidates.images)
+  predicted = answers if oracle.output == "labels" else answers.argmax(-1)
   pushable = predicted == candidates.labels
   if target_class is not None:
     pushable &= predicted != target_class
   queue = np.flatnonzero(pushable)
+  hardness = screening_margin(answers)
   taken, saved, done, position = [], {}, 0, 0
   fresh = {"queries": 0, "seconds": 0.0, "rows": 0}
   bar = common.progress(total=requested, desc="pushing", unit="sample",
@@ -235,7 +267,7 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
       end = min(end, len(queue))
       started = time.time()
       rows, queries = _push_positions(oracle, candidates, queue, position, end,
-                                      key, attack, size, bar, done)
+                                      key, attack, size, bar, done, hardness)
       fresh["queries"] += queries
       fresh["seconds"] += time.time() - started
       fresh["rows"] += end - position

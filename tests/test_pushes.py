@@ -9,6 +9,7 @@ import numpy as np
 from experiments import pushers
 from experiments import pushes
 from ounl_jax import data as data_lib
+from ounl_jax.attacks import labels as labels_lib
 from tests import test_pushing as tp
 
 ROWS = ("ids", "pushing_i", "pushing_ii", "queries", "iterations")
@@ -122,3 +123,27 @@ def test_a_stream_where_most_fail_says_how_to_fix_it(capsys):
   assert int(pushed["candidates_tried"]) == len(candidates())
   err = capsys.readouterr().err
   assert "no_crossing" in err and "--max_iterations" in err
+
+
+def test_a_stream_admits_the_hardest_first_and_the_order_changes_no_row():
+  seen = []
+  base = pushers.make("zoo", tp.UNTARGETED, None)
+
+  def recording(oracle, images, labels, key, state, on_chunk):
+    seen.append(np.asarray(images))
+    return base.push(oracle, images, labels, key, state, on_chunk)
+
+  attack = base._replace(push=recording)
+  oracle = tp.make_oracle()
+  pushes.push_released(oracle, candidates(), 9, jax.random.key(7), attack,
+                       target_class=None, size=4, show_progress=False)
+  answers, _ = labels_lib.oracle_answers(oracle, oracle.init(), seen[0])
+  assert (np.diff(pushes.screening_margin(answers)) <= 1e-6).all()
+  # Admitted in the opposite order, every row is the same (one key per sample).
+  samples = candidates().take(np.arange(8))
+  keys = pushes.sample_keys(jax.random.key(7), np.arange(8), 4)
+  margin = np.linspace(0.0, 1.0, 8)
+  hardest_first, _ = pushes._push_stream(oracle, samples, keys, base, margin, None)
+  easiest_first, _ = pushes._push_stream(oracle, samples, keys, base, -margin, None)
+  assert_same_rows(hardest_first, easiest_first)
+  np.testing.assert_array_equal(hardest_first["ids"], samples.ids)

@@ -62,6 +62,32 @@ def _query(oracle: oracle_lib.Oracle, oracle_state, images):
 _jitted_query = jax.jit(_query, static_argnums=0)
 
 
+def oracle_answers(oracle: oracle_lib.Oracle, oracle_state: oracle_lib.OracleState,
+                   images, *, batch_size: int = 256):
+  """The oracle's answers for ``images`` (probabilities, or labels for a
+  labels-only oracle), queried in batches (counted).
+
+  Returns:
+    ``(answers (N, K) float32 or (N,) int32, oracle_state)``.
+
+  Raises:
+    QueryBudgetExceeded: the oracle refused queries.
+  """
+  images = np.asarray(images, np.float32)
+  static = oracle.static()
+  answers = []
+  for start in range(0, len(images), batch_size):
+    batch, oracle_state = _jitted_query(static, oracle_state,
+                                        images[start:start + batch_size])
+    oracle_lib.check_budget(oracle, oracle_state)
+    answers.append(np.asarray(batch))
+  if not answers:
+    if oracle.output == "labels":
+      return np.zeros((0,), np.int32), oracle_state
+    return np.zeros((0, oracle.num_classes), np.float32), oracle_state
+  return np.concatenate(answers), oracle_state
+
+
 def oracle_predictions(oracle: oracle_lib.Oracle,
                        oracle_state: oracle_lib.OracleState, images, *,
                        batch_size: int = 256):
@@ -75,15 +101,8 @@ def oracle_predictions(oracle: oracle_lib.Oracle,
   Raises:
     QueryBudgetExceeded: the oracle refused queries.
   """
-  images = np.asarray(images, np.float32)
-  static = oracle.static()
-  predicted = []
-  for start in range(0, len(images), batch_size):
-    answers, oracle_state = _jitted_query(static, oracle_state,
-                                          images[start:start + batch_size])
-    oracle_lib.check_budget(oracle, oracle_state)
-    answers = np.asarray(answers)
-    predicted.append(answers if oracle.output == "labels" else answers.argmax(-1))
-  if not predicted:
-    return np.zeros((0,), np.int32), oracle_state
-  return np.concatenate(predicted).astype(np.int32), oracle_state
+  answers, oracle_state = oracle_answers(oracle, oracle_state, images,
+                                         batch_size=batch_size)
+  if oracle.output != "labels":
+    answers = answers.argmax(-1)
+  return answers.astype(np.int32), oracle_state
