@@ -33,9 +33,11 @@ PUSHED_FIELDS = ("images", "labels", "l2", "predicted", "iteration", "success",
 # Correctly classified candidates pushed together under the released rule: blocks
 # do not depend on N, so every fraction reuses the blocks of the others.
 BLOCK_SIZE = 128
-ROW_FIELDS = ("ids", "original", "original_labels", "predicted_before", "attacked",
-              "crossed", "iterations", "queries", "attack_queries",
-              "evaluation_queries") + tuple(
+# The PushResult fields saved per sample, beside its id and original image.
+RESULT_FIELDS = ("original_labels", "predicted_before", "attacked", "crossed",
+                 "iterations", "queries", "attack_queries", "evaluation_queries")
+# Every per-sample array of a push (``to_arrays``; what a saved block holds).
+ROW_FIELDS = ("ids", "original") + RESULT_FIELDS + tuple(
     name if field == "images" else f"{name}_{field}"
     for name in ("pushing_i", "pushing_ii") for field in PUSHED_FIELDS)
 
@@ -44,12 +46,7 @@ def to_arrays(samples: data_lib.LabelledImages, result: pushing_lib.PushResult
               ) -> dict[str, np.ndarray]:
   """One push as flat arrays (what ``attack/pushed.npz`` holds)."""
   arrays = {"ids": samples.ids, "original": samples.images,
-            "original_labels": result.original_labels,
-            "predicted_before": result.predicted_before,
-            "attacked": result.attacked, "crossed": result.crossed,
-            "iterations": result.iterations, "queries": result.queries,
-            "attack_queries": result.attack_queries,
-            "evaluation_queries": result.evaluation_queries}
+            **{field: getattr(result, field) for field in RESULT_FIELDS}}
   for name, pushed in (("pushing_i", result.pushing_i),
                        ("pushing_ii", result.pushing_ii)):
     for field in PUSHED_FIELDS:
@@ -243,7 +240,7 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
   store = MemoryStore() if store is None else store
   state = oracle.init()
   answers, state = labels_lib.oracle_answers(oracle, state, candidates.images)
-  predicted = answers if oracle.output == "labels" else answers.argmax(-1)
+  predicted = labels_lib.answered_classes(oracle, answers)
   pushable = predicted == candidates.labels
   if target_class is not None:
     pushable &= predicted != target_class

@@ -103,6 +103,11 @@ def oracle_predictions(oracle: oracle_lib.Oracle,
   """
   answers, oracle_state = oracle_answers(oracle, oracle_state, images,
                                          batch_size=batch_size)
-  if oracle.output != "labels":
-    answers = answers.argmax(-1)
-  return answers.astype(np.int32), oracle_state
+  return answered_classes(oracle, answers), oracle_state
+
+
+def answered_classes(oracle: oracle_lib.Oracle, answers) -> np.ndarray:
+  """(N,) int32 classes of ``oracle_answers``: the labels, or the top probability."""
+  answers = np.asarray(answers)
+  return (answers if oracle.output == "labels" else answers.argmax(-1)).astype(
+      np.int32)
