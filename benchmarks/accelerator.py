@@ -101,7 +101,7 @@ def main(argv=None):
   if has_gpu and summary["pytest_gpu"] and summary["pytest_gpu"]["skipped"]:
     problems.append("pytest -m gpu skipped on a machine with a GPU")
   summary["problems"] = problems
-  summary["total_seconds"] = round(sum(s["seconds"] for s in
+  summary["total_seconds"] = round(sum(s["seconds"] or 0 for s in
                                        summary["steps"].values()), 1)
   with open(os.path.join(args.out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, default=str)

@@ -109,8 +109,7 @@ def throughput(ctx: pipeline.Context, settings: pushing_lib.PushSettings,
   Only the samples pushed by this process count (saved ones were timed by
   another); the forward baseline is the server's softmax on one ZOO call's batch,
   ``sample_chunk_size * queries_per_iteration`` images (``devices.
-  forward_images_per_second``). None when every sample was reused or the push was
-  not made under the released rule.
+  forward_images_per_second``). None when every sample was reused.
   """
   if "pushed_now" not in pushed or int(pushed["pushed_now"]) == 0:
     return None

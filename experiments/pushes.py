@@ -296,7 +296,11 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
 
 def push_fraction_first(oracle, samples: data_lib.LabelledImages, key: jax.Array,
                         attack, *, show_progress: bool = True) -> dict:
-  """The first rule: push every drawn sample; the failures are dropped later."""
+  """The first rule: push every drawn sample; the failures are dropped later.
+
+  ``push_queries`` and ``pushed_now`` are this run's (``cached_push`` adds the
+  seconds, and sets ``pushed_now`` to 0 when it reads a saved push).
+  """
   bar = common.progress(total=len(samples), desc="pushing", unit="sample",
                         enabled=show_progress)
   result = attack.push(oracle, samples.images, samples.labels, key, oracle.init(),
@@ -307,6 +311,8 @@ def push_fraction_first(oracle, samples: data_lib.LabelledImages, key: jax.Array
                 candidates_misclassified=np.asarray(int(np.sum(~result.attacked))),
                 screening_queries=np.asarray(0),
                 oracle_queries=np.asarray(result.oracle_queries),
+                push_queries=np.asarray(result.oracle_queries),
+                pushed_now=np.asarray(len(samples)),
                 requested=np.asarray(len(samples)))
   return arrays
 

@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from experiments import push_cache
 from experiments import pushers
 from experiments import pushes
 from ounl_jax import data as data_lib
@@ -147,3 +148,19 @@ def test_a_stream_admits_the_hardest_first_and_the_order_changes_no_row():
   easiest_first, _ = pushes._push_stream(oracle, samples, keys, base, -margin, None)
   assert_same_rows(hardest_first, easiest_first)
   np.testing.assert_array_equal(hardest_first["ids"], samples.ids)
+
+
+def test_fraction_first_push_is_timed_once_and_not_when_read_back(tmp_path):
+  attack = pushers.make("zoo", tp.UNTARGETED, None)
+  samples = candidates(6)
+  oracle = tp.make_oracle()
+  run = lambda: pushes.push_fraction_first(oracle, samples, jax.random.key(7), attack,
+                                           show_progress=False)
+  first = push_cache.cached_push(str(tmp_path), "abc", run)
+  # Every image the oracle answered is this run's push work (no screening here).
+  assert int(first["pushed_now"]) == 6 and not first["reused"]
+  assert int(first["push_queries"]) == int(first["oracle_queries"]) == int(
+      first["queries"].sum()) > 0
+  again = push_cache.cached_push(str(tmp_path), "abc", run)
+  assert int(again["pushed_now"]) == 0 and again["reused"]
+  assert_same_rows(first, again)
