@@ -81,7 +81,9 @@ def attack_lines(results: dict) -> list[str]:
            f"candidates tried ({attack['candidates_misclassified']} misclassified "
            f"by the clean model, {attack['attacked']} attacked); submitted in every "
            f"condition: {submitted} (pushed by both methods)"
-           + (f", {attack['requested'] - submitted} short of N: class A ran out."
+           + (f", {attack['requested'] - submitted} short of N: "
+              + ("class A ran out." if results.get("sample_rule") == "released"
+                 else "the failures are dropped (fraction_first).")
               if submitted < attack["requested"] else ".")]
   if results.get("noise_term_share") is not None:
     lines.append(f"- Samples keeping their noise term in the first-order update: "

@@ -12,7 +12,8 @@ on its report. In that process, with the tiny task and MLP of ``tests/tiny.py``:
   oracle state replicated;
 * the oracle's total equals the sum of the per-sample counts on both;
 * ``zoo_run_chunk`` compiles once per batch size, never again for a chunk of the
-  same size (counted from JAX's backend-compile events);
+  same size, and the refill between chunks at most once per batch size (counted
+  from JAX's backend-compile events);
 * a few data-parallel training steps on 2 devices against 1: parameters within a
   relative 1e-5 (gradient sums run in another order), the state replicated, the
   batch split, one compilation.
@@ -81,6 +82,10 @@ def test_zoo_compiles_once_per_batch_size():
     assert compiles[0] == 1, (devices, compiles)
     for i in range(1, len(sizes)):
       assert compiles[i] == (1 if sizes[i] != sizes[i - 1] else 0), (devices, i)
+    # 7 samples through 4 slots: finished samples are replaced several times, and
+    # the refill compiles at most once per batch size, not once per refill.
+    refills = _report()["zoo"]["refill_compiles"][devices]
+    assert 1 <= refills <= len(set(sizes)), (devices, refills, sizes)
 
 
 def test_training_on_two_devices_matches_one():
@@ -150,11 +155,12 @@ def _main():
             "rows_per_device": max(s.data.shape[0] for s in shards)}
 
   zoo.compiled_chunk = spying_chunk
-  results, sizes, chunk_compiles, queries = {}, {}, {}, {}
+  results, sizes, chunk_compiles, queries, refills = {}, {}, {}, {}, {}
   for count in (2, 1):
     mesh = devices_lib.sample_mesh(jax.devices()[:count])
     sizes[count], chunk_compiles[count] = [], []
     before = [len(compiles)]
+    attack_start = len(compiles)
 
     def on_chunk(progress, count=count, before=before):
       sizes[count].append(progress.batch_size)
@@ -164,6 +170,7 @@ def _main():
     result = zoo.zoo_attack(oracle, images, labels, jax.random.key(3), settings,
                             mesh=mesh, on_chunk=on_chunk)
     results[count] = result.state
+    refills[count] = compiles[attack_start:].count("jit(_refill)")
     queries[count] = [int(result.oracle_state.queries),
                       int(np.sum(result.state.queries))]
   zoo.compiled_chunk = real_chunk
@@ -173,6 +180,7 @@ def _main():
                if not np.array_equal(a, b, equal_nan=True)]
   report["zoo"] = dict(layout, different_leaves=different, leaves=len(paths),
                        batch_sizes=sizes, compiles=chunk_compiles, queries=queries,
+                       refill_compiles=refills,
                        iterations=results[2].iterations.tolist())
 
   train_images, train_labels = tiny.synthetic(256, 5)

@@ -769,12 +769,32 @@ def _to_host(state: ZooState) -> ZooState:
   return jax.tree_util.tree_map(np.asarray, state._replace(keys=None))
 
 
-def _take(state: ZooState, rows) -> ZooState:
-  return jax.tree_util.tree_map(lambda a: a[rows], state)
+def _host_rows(host: ZooState, rows) -> ZooState:
+  return jax.tree_util.tree_map(lambda a: a[rows], host)
 
 
-def _concatenate(states) -> ZooState:
-  return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *states)
+def _fresh(ids, live, images, labels, targets, key, settings: ZooSettings) -> ZooState:
+  """``zoo_init`` of the attack's samples ``ids`` (rows of its arrays)."""
+  return zoo_init(images[ids], labels[ids], key[ids] if jnp.ndim(key) else key,
+                  settings, targets=None if targets is None else targets[ids],
+                  active=live, sample_ids=ids)
+
+
+@functools.partial(jax.jit, static_argnames=("settings",))
+def _refill(batch: ZooState, keep, ids, fill, images, labels, targets, key, *,
+            settings: ZooSettings) -> ZooState:
+  """The next batch in one compiled call: row r is ``batch``'s row ``keep[r]``, or,
+  where ``fill[r]``, sample ``ids[r]`` from its start.
+
+  The output has ``len(keep)`` rows whatever the samples, so the host loop compiles
+  it once per batch size (not per number of finished samples); rows neither kept
+  nor filled are padding (``keep`` points at a done row).
+  """
+  kept = jax.tree_util.tree_map(lambda a: a[keep], batch)
+  return _where(fill, _fresh(ids, fill, images, labels, targets, key, settings), kept)
+
+
+_start = jax.jit(_fresh, static_argnames=("settings",))
 
 
 def batch_size_for(count: int, slots: int, devices: int = 1) -> int:
@@ -790,6 +810,26 @@ def batch_size_for(count: int, slots: int, devices: int = 1) -> int:
     size *= 2
   size = min(size, slots)
   return -(-size // devices) * devices
+
+
+def _next_batch(batch: ZooState, rows, live, new, size: int, arrays,
+                settings: ZooSettings):
+  """``size`` rows: the live ones first (their order kept), then ``new`` samples
+  from their start, then padding; and the sample id of each row (-1: padding)."""
+  keep = np.flatnonzero(live)
+  count = len(keep) + len(new)
+  pad = np.flatnonzero(np.logical_not(live))
+  pad_row = pad[0] if len(pad) else keep[0]  # A done row: it never updates.
+  take = np.concatenate([keep, np.full(size - len(keep), pad_row)])
+  ids = np.zeros(size, np.int32)
+  ids[len(keep):count] = new
+  fill = np.zeros(size, bool)
+  fill[len(keep):count] = True
+  batch = _refill(batch, jnp.asarray(take, jnp.int32), jnp.asarray(ids),
+                  jnp.asarray(fill), *arrays, settings=settings)
+  rows = np.concatenate([rows[keep], np.asarray(new, np.int64),
+                         np.full(size - count, -1, np.int64)])
+  return batch, rows
 
 
 def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
@@ -869,18 +909,16 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
   devices = devices_lib.device_count(mesh) if sharded else 1
   slots = -(-settings.sample_chunk_size // devices) * devices
   run = compiled_chunk(oracle, settings, mesh if sharded else None)
-
-  def init(ids, live=True):
-    ids = np.asarray(ids, np.int64)
-    return zoo_init(images[ids], labels[ids], key[ids] if per_sample else key,
-                    settings,
-                    targets=None if targets is None else targets[ids],
-                    active=np.full(len(ids), live), sample_ids=ids)
+  # On the device once; each refill gathers its new samples' rows from them.
+  arrays = (jnp.asarray(images), jnp.asarray(labels),
+            None if targets is None else jnp.asarray(targets), key)
 
   finished = []  # (sample ids, host ZooState rows)
   idle = np.flatnonzero(np.logical_not(active))
   if len(idle):
-    finished.append((idle, _to_host(init(idle, live=False))))
+    finished.append((idle, _to_host(_start(
+        jnp.asarray(idle, jnp.int32), jnp.zeros(len(idle), bool), *arrays,
+        settings))))
   waiting = list(np.flatnonzero(active))
   batch, rows = None, np.zeros((0,), np.int64)  # rows: sample id per row, -1 pad
   done_count = len(idle)
@@ -891,7 +929,7 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
       live = (rows >= 0) & np.logical_not(done)
       over = np.flatnonzero((rows >= 0) & done)
       if len(over):
-        finished.append((rows[over], _to_host(_take(batch, over))))
+        finished.append((rows[over], _host_rows(_to_host(batch), over)))
         done_count += len(over)
         rows = np.where(done, -1, rows)
     room = slots - int(live.sum())
@@ -905,17 +943,14 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
       size = -(-count // devices) * devices
     else:  # Only ever shrink once nothing waits: no recompilation to grow.
       size = min(len(rows), batch_size_for(count, slots, devices))
-    if batch is None or new or size != len(rows):
-      keep = np.flatnonzero(live)
-      parts = [_take(batch, keep)] if len(keep) else []
-      if new:
-        parts.append(init(new))
-      pad_id = new[0] if new else rows[keep[0]]
-      if size > count:
-        parts.append(init(np.full(size - count, pad_id), live=False))
-      batch = _concatenate(parts)
-      rows = np.concatenate([rows[keep], np.asarray(new, np.int64),
+    if batch is None:
+      ids = np.concatenate([new, np.full(size - count, new[0])]).astype(np.int32)
+      batch = _start(jnp.asarray(ids), jnp.asarray(np.arange(size) < count),
+                     *arrays, settings)
+      rows = np.concatenate([np.asarray(new, np.int64),
                              np.full(size - count, -1, np.int64)])
+    elif new or size != len(rows):
+      batch, rows = _next_batch(batch, rows, live, new, size, arrays, settings)
     if sharded:  # No copy when the layout is already right (every unchanged chunk).
       batch = devices_lib.shard_rows(batch, mesh)
       oracle_state = devices_lib.replicate(oracle_state, mesh)
