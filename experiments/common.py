@@ -14,6 +14,7 @@ import subprocess
 import sys
 from typing import Any
 
+import jax
 import numpy as np
 
 from experiments import configs
@@ -21,6 +22,28 @@ from experiments import configs
 # The server's training config (``experiments/configs.py``), kept here for the
 # scripts and benchmarks that import it from ``common``.
 TrainConfig = configs.TrainConfig
+
+
+# JAX's own events for the three steps of a compilation (trace, lower, XLA
+# compile). A rate compared with a warmed-up baseline (``devices.
+# forward_images_per_second`` compiles before it times) leaves these out too.
+COMPILE_EVENTS = frozenset({"/jax/core/compile/jaxpr_trace_duration",
+                            "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                            "/jax/core/compile/backend_compile_duration"})
+_compiling = [0.0]
+
+
+def _count_compiling(event: str, seconds: float, **unused) -> None:
+  if event in COMPILE_EVENTS:
+    _compiling[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiling)
+
+
+def compile_seconds() -> float:
+  """Seconds this process has spent compiling so far (differences time a step)."""
+  return _compiling[0]
 
 
 def quiet_logs() -> None:

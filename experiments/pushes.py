@@ -234,8 +234,9 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
   shortfall again if more fail. Returns the used positions' arrays, with
   ``candidates_tried`` (candidates examined, in order), the misclassified among
   them, the screening queries, ``oracle_queries`` (screening plus the used
-  positions' queries: the same whether pushed now or read) and ``push_queries``
-  and ``seconds`` of this run's pushes (spare positions included).
+  positions' queries: the same whether pushed now or read) and ``push_queries``,
+  ``seconds`` and ``compile_seconds`` (JAX compiling, within ``seconds``) of this
+  run's pushes (spare positions included).
   """
   store = MemoryStore() if store is None else store
   state = oracle.init()
@@ -247,7 +248,7 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
   queue = np.flatnonzero(pushable)
   hardness = screening_margin(answers)
   taken, saved, done, position = [], {}, 0, 0
-  fresh = {"queries": 0, "seconds": 0.0, "rows": 0}
+  fresh = {"queries": 0, "seconds": 0.0, "compile_seconds": 0.0, "rows": 0}
   bar = common.progress(total=requested, desc="pushing", unit="sample",
                         enabled=show_progress)
   while done < requested and position < len(queue):
@@ -262,11 +263,12 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
       if not attack.per_sample_keys:
         end = -(-end // size) * size
       end = min(end, len(queue))
-      started = time.time()
+      started, compiling = time.time(), common.compile_seconds()
       rows, queries = _push_positions(oracle, candidates, queue, position, end,
                                       key, attack, size, bar, done, hardness)
       fresh["queries"] += queries
       fresh["seconds"] += time.time() - started
+      fresh["compile_seconds"] += common.compile_seconds() - compiling
       fresh["rows"] += end - position
       _save_blocks(store, saved, rows, position, size)
       _warn_if_few_succeed(rows, requested - done, len(queue) - end)
@@ -289,7 +291,9 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
       screening_queries=np.asarray(len(candidates)),
       oracle_queries=np.asarray(int(state.queries) + int(arrays["queries"].sum())),
       requested=np.asarray(requested), push_queries=np.asarray(fresh["queries"]),
-      seconds=np.asarray(fresh["seconds"]), pushed_now=np.asarray(fresh["rows"]),
+      seconds=np.asarray(fresh["seconds"]),
+      compile_seconds=np.asarray(fresh["compile_seconds"]),
+      pushed_now=np.asarray(fresh["rows"]),
       reused=np.asarray(fresh["rows"] == 0))
   return arrays
 
@@ -298,13 +302,16 @@ def push_fraction_first(oracle, samples: data_lib.LabelledImages, key: jax.Array
                         attack, *, show_progress: bool = True) -> dict:
   """The first rule: push every drawn sample; the failures are dropped later.
 
-  ``push_queries`` and ``pushed_now`` are this run's (``cached_push`` adds the
-  seconds, and sets ``pushed_now`` to 0 when it reads a saved push).
+  ``push_queries``, ``compile_seconds`` and ``pushed_now`` are this run's
+  (``cached_push`` adds the seconds, and sets ``pushed_now`` to 0 when it reads a
+  saved push).
   """
   bar = common.progress(total=len(samples), desc="pushing", unit="sample",
                         enabled=show_progress)
+  compiling = common.compile_seconds()
   result = attack.push(oracle, samples.images, samples.labels, key, oracle.init(),
                        _bar_callback(bar, 0))
+  compiling = common.compile_seconds() - compiling
   bar.close()
   arrays = to_arrays(samples, result)
   arrays.update(candidates_tried=np.asarray(len(samples)),
@@ -313,6 +320,7 @@ def push_fraction_first(oracle, samples: data_lib.LabelledImages, key: jax.Array
                 oracle_queries=np.asarray(result.oracle_queries),
                 push_queries=np.asarray(result.oracle_queries),
                 pushed_now=np.asarray(len(samples)),
+                compile_seconds=np.asarray(compiling),
                 requested=np.asarray(len(samples)))
   return arrays
 

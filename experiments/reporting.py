@@ -108,10 +108,15 @@ def attack_lines(results: dict) -> list[str]:
                + ".")
   speed = results.get("throughput")
   if speed:
+    compiling = speed.get("compile_seconds")
     lines.append(f"- Throughput: {speed['attack_queries_per_second']:,.0f} oracle "
                  f"images/s in the attack against {speed['forward_images_per_second']:,.0f}"
                  f" raw forward images/s of the same model in the same process "
-                 f"(ratio {speed['ratio']:.2f}, {speed['devices']} device(s)).")
+                 f"(ratio {speed['ratio']:.2f}, {speed['devices']} device(s))"
+                 + (f"; both leave out compiling, {compiling:.0f} s of the push "
+                    f"(with it: {speed['attack_queries_per_second_with_compiling']:,.0f}"
+                    f" images/s, ratio {speed['ratio_with_compiling']:.2f})."
+                    if compiling is not None else "."))
   return lines
 
 

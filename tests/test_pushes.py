@@ -159,8 +159,20 @@ def test_fraction_first_push_is_timed_once_and_not_when_read_back(tmp_path):
   first = push_cache.cached_push(str(tmp_path), "abc", run)
   # Every image the oracle answered is this run's push work (no screening here).
   assert int(first["pushed_now"]) == 6 and not first["reused"]
+  assert 0.0 <= float(first["compile_seconds"]) <= float(first["seconds"])
   assert int(first["push_queries"]) == int(first["oracle_queries"]) == int(
       first["queries"].sum()) > 0
   again = push_cache.cached_push(str(tmp_path), "abc", run)
   assert int(again["pushed_now"]) == 0 and again["reused"]
   assert_same_rows(first, again)
+
+
+def test_compile_clock_counts_a_new_compilation_and_not_a_cached_call():
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  double = jax.jit(lambda x: 2.0 * x + 1.0)   # A new function: never compiled.
+  x = np.arange(7.0, dtype=np.float32)
+  before = common.compile_seconds()
+  double(x).block_until_ready()
+  compiled = common.compile_seconds()
+  double(x).block_until_ready()
+  assert compiled > before and common.compile_seconds() == compiled
