@@ -296,4 +296,3 @@ def test_server_defence_is_chosen_by_name(mock_cifar10):
   for name in ("normal", "blending"):
     condition = results["conditions"][name]
     assert condition.get("refused") or condition["num_submitted"] >= 1
-

@@ -819,7 +819,9 @@ def _next_batch(batch: ZooState, rows, live, new, size: int, arrays,
   keep = np.flatnonzero(live)
   count = len(keep) + len(new)
   pad = np.flatnonzero(np.logical_not(live))
-  pad_row = pad[0] if len(pad) else keep[0]  # A done row: it never updates.
+  # Padding copies a done row (it never updates). With no done row every row is
+  # kept or filled, so keep[0] below is overwritten by a new sample.
+  pad_row = pad[0] if len(pad) else keep[0]
   take = np.concatenate([keep, np.full(size - len(keep), pad_row)])
   ids = np.zeros(size, np.int32)
   ids[len(keep):count] = new
