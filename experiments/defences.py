@@ -21,7 +21,7 @@ requests of the attack's size refused under the default refuse-whole-request pol
 of the attack's size (bounds = the 1% quantile of their accuracy drops on the
 validation split) and run on each attack request through the service.
 
-Adaptive users (``experiments/adaptive_attacks.py``) join the attacks: pushes moved
+Adaptive users (``experiments/attacks/adaptive.py``) join the attacks: pushes moved
 to margin kappa (``--adaptive_kappas``) and requests mixing Pushing-II with the
 user's unmodified samples (``--mix_fractions``). For every screen and attack the
 server then drops the flagged samples and unlearns the rest: class-A and overall
@@ -41,14 +41,16 @@ import time
 
 from absl import flags
 
-from experiments import adaptive_attacks as adaptive
-from experiments import cli
-from experiments import common
-from experiments import configs
-from experiments import defence_report
-from experiments import defence_study as study
-from experiments import pipeline
-from experiments import validation
+from experiments.attacks import adaptive
+from experiments.setup import cli
+from experiments.run import errors
+from experiments.run import progress
+from experiments.run import records
+from experiments.setup import configs
+from experiments.studies.defences import report
+from experiments.studies.defences import measure as study
+from experiments.run import pipeline
+from experiments.setup import validation
 
 DefenceConfig = study.DefenceConfig
 
@@ -96,22 +98,22 @@ def measure(ctx: pipeline.Context, config: configs.ExperimentConfig,
 def run(config: configs.ExperimentConfig, settings: DefenceConfig, workdir: str,
         *, data_dir: str | None = None, show_progress: bool = True) -> str:
   """Measures every defence against every attack; returns the json path."""
-  common.quiet_logs()
+  progress.quiet_logs()
   started = time.time()
   validation.check_experiment(config)
   validation.check_workdir(workdir)
   ctx = pipeline.prepare(config.train, workdir, data_dir=data_dir,
                          show_progress=show_progress)
   results = measure(ctx, config, settings, workdir, show_progress)
-  results.update(seconds=time.time() - started, **common.run_metadata(
+  results.update(seconds=time.time() - started, **records.run_metadata(
       {**config.to_dict(), "defence": settings.to_dict()}))
   os.makedirs(workdir, exist_ok=True)
-  defence_report.plot_roc(results, os.path.join(workdir, "defences_roc.png"))
+  report.plot_roc(results, os.path.join(workdir, "defences_roc.png"))
   adaptive.tradeoff_figure(results, os.path.join(workdir, "defences_tradeoff.png"))
   with open(os.path.join(workdir, "defences.md"), "w") as f:
-    f.write(defence_report.markdown(results))
-  return common.write_json(os.path.join(workdir, "defences.json"),
-                           defence_report.strip_arrays(results))
+    f.write(report.markdown(results))
+  return records.write_json(os.path.join(workdir, "defences.json"),
+                           report.strip_arrays(results))
 
 
 def define_flags(fv) -> None:
@@ -149,7 +151,7 @@ def _floats(values, name: str) -> tuple[float, ...]:
   try:
     return tuple(float(v) for v in values)
   except ValueError:
-    raise common.UserError(f"--{name}={','.join(values)}: give numbers, e.g. "
+    raise errors.UserError(f"--{name}={','.join(values)}: give numbers, e.g. "
                            f"--{name}=0.1,0.3.") from None
 
 

@@ -25,9 +25,10 @@ from absl import app
 from absl import flags
 import jax
 
-from experiments import common
-from experiments import stealthiness_data as data
-from experiments import stealthiness_report as report
+from experiments.run import progress
+from experiments.run import records
+from experiments.studies.stealthiness import measure as data
+from experiments.studies.stealthiness import report
 from ounl_jax import stealthiness
 
 METHODS, PAPER, NO_LPIPS_WEIGHTS = data.METHODS, data.PAPER, data.NO_LPIPS_WEIGHTS
@@ -110,23 +111,23 @@ def run(config: StealthinessConfig, workdir: str) -> str:
       "methods": methods,
       "paper": {"table": "XIII", "dataset": "cifar10", "pairs": 50, **PAPER},
       "files": files,
-      "metadata": common.run_metadata(config),
+      "metadata": records.run_metadata(config),
   }
   report.plot_examples(arrays, files["figure"])
   with open(files["markdown"], "w") as f:
     f.write(report.markdown(results))
-  return common.write_json(files["json"], results)
+  return records.write_json(files["json"], results)
 
 
 def main(argv, fv=flags.FLAGS):
   del argv
-  common.quiet_logs()
+  progress.quiet_logs()
   config = StealthinessConfig(fv.pushed, fv.lpips_weights, fv.num_pairs, fv.seed)
   try:
     path = run(config, fv.workdir)
   except (FileNotFoundError, ValueError) as error:
     sys.exit(f"error: {error}")
-  measured = common.read_json(path)["methods"]
+  measured = records.read_json(path)["methods"]
   for method, (name, _, _) in METHODS.items():
     entry = measured[method]
     print(f"{name}: SSIM {report.cell(entry['ssim'])}, LPIPS "

@@ -20,11 +20,13 @@ from typing import Any
 from absl import flags
 import jax
 
-from experiments import cli
-from experiments import common
-from experiments import configs
-from experiments import training
-from experiments import validation
+from experiments.setup import cli
+from experiments.run import errors
+from experiments.run import progress
+from experiments.run import records
+from experiments.setup import configs
+from experiments.run import training
+from experiments.setup import validation
 from ounl_jax import data as data_lib
 from ounl_jax import service as service_lib
 from ounl_jax import unlearning
@@ -87,7 +89,7 @@ def settings_from_flags(fv, method: str):
     if not fv[flag].present:
       continue
     if field not in fields:
-      raise common.UserError(f"--{flag} does not apply to --method={method}.")
+      raise errors.UserError(f"--{flag} does not apply to --method={method}.")
     overrides[field] = fv[flag].value
   return dataclasses.replace(settings, **overrides)
 
@@ -120,7 +122,7 @@ def check(config: UnlearnConfig, workdir: str) -> int:
   class_a = validation.check_class("unlearn_class",
                                    config.unlearn_class or spec.class_a, spec)
   if not 0 < config.fraction <= 1:
-    raise common.UserError(f"--fraction={config.fraction}: must be in (0, 1].")
+    raise errors.UserError(f"--fraction={config.fraction}: must be in (0, 1].")
   validation.check_workdir(workdir)
   return class_a
 
@@ -128,7 +130,7 @@ def check(config: UnlearnConfig, workdir: str) -> int:
 def run(config: UnlearnConfig, workdir: str, *, data_dir: str | None = None,
         show_progress: bool = True) -> dict:
   """Unlearns the user's samples on a server holding the trained model."""
-  common.quiet_logs()
+  progress.quiet_logs()
   class_a = check(config, workdir)
   spec = data_lib.get_spec(config.train.dataset)
   splits = training.load_splits(config.train, data_dir)
@@ -161,7 +163,7 @@ def run(config: UnlearnConfig, workdir: str, *, data_dir: str | None = None,
       "before": evaluation_dict(before, spec),
       "after": evaluation_dict(after, spec),
       "splits": data_lib.describe(splits),
-      **common.run_metadata({"train": config.train.to_dict(),
+      **records.run_metadata({"train": config.train.to_dict(),
                              "unlearn": {"method": config.method,
                                          "fraction": config.fraction,
                                          "unlearn_class": spec.class_names[class_a],
@@ -176,12 +178,12 @@ def main(argv, fv=flags.FLAGS):
   try:
     settings = settings_from_flags(fv, fv.method)
   except ValueError as error:
-    raise common.UserError(str(error)) from None
+    raise errors.UserError(str(error)) from None
   config = UnlearnConfig(cli.train_config(fv), fv.unlearn_class, fv.fraction,
                          fv.method, settings, fv.unlearn_seed, fv.server_seed)
   results = run(config, fv.workdir, data_dir=fv.data_dir,
                 show_progress=fv.progress)
-  path = common.write_json(os.path.join(fv.workdir, fv.results_name), results)
+  path = records.write_json(os.path.join(fv.workdir, fv.results_name), results)
   before, after = results["before"], results["after"]
   print(f"{config.method} unlearning of {results['num_unlearned']} "
         f"{results['unlearn_class']} samples ({results['receipt']['seconds']:.1f}s): "

@@ -21,8 +21,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from experiments import configs
-from experiments import pipeline
+from experiments.setup import configs
+from experiments.run import pipeline
 from ounl_jax import data as data_lib
 from ounl_jax.defences import hashing
 from ounl_jax.defences import margin

@@ -1,7 +1,7 @@
 """The pushing attacks (Sec. III-C, V-B): a push under a sample rule, its submissions.
 
-Whatever pusher ``config.attack.name`` names (``experiments/pushers.py``), the user
-pushes class-A samples under the sample rule (``experiments/pushes.py``) through
+Whatever pusher ``config.attack.name`` names (``experiments/attacks/pushing/pushers.py``), the user
+pushes class-A samples under the sample rule (``experiments/attacks/pushing/sample_rules.py``) through
 the oracle only, and submits Pushing-I and Pushing-II of the same training ids as
 ``normal`` (paired conditions, docs/protocol.md §4, §9).
 """
@@ -14,12 +14,12 @@ import hashlib
 import jax
 import numpy as np
 
-from experiments import common
-from experiments import configs
-from experiments import pipeline
-from experiments import push_cache
-from experiments import pushers
-from experiments import pushes
+from experiments.run import errors
+from experiments.setup import configs
+from experiments.run import pipeline
+from experiments.attacks.pushing import cache
+from experiments.attacks.pushing import pushers
+from experiments.attacks.pushing import sample_rules
 from ounl_jax import data as data_lib
 from ounl_jax import devices
 from ounl_jax import oracle as oracle_lib
@@ -60,10 +60,10 @@ def push_fingerprint(ctx: pipeline.Context, config: configs.ExperimentConfig,
   # The paper's attacker keeps the fingerprint pushes had before --attack existed.
   attacker = {} if config.attack.name == "zoo" else {"attack": config.attack.name}
   # Released-rule blocks do not depend on N; a fraction_first push does.
-  size = ({"block_size": pushes.block_size(samples.max_samples)}
+  size = ({"block_size": sample_rules.block_size(samples.max_samples)}
           if samples.rule == "released" else
           {"fraction": samples.fraction, "max_samples": samples.max_samples})
-  return push_cache.fingerprint({**attacker,
+  return cache.fingerprint({**attacker,
       "train": ctx.train_config.to_dict(),
       "model": _array_digest(*[np.asarray(leaf) for leaf in leaves]),
       "candidates": _array_digest(candidates.ids, candidates.images),
@@ -85,20 +85,20 @@ def push_for(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: s
       ctx, config, output=pusher.oracle_output).oracle()
   key = jax.random.key(config.attack.seed)
   if samples.rule == "released":
-    candidates = pushes.candidate_order(ctx.splits.train, class_a, samples.seed)
-    requested = pushes.requested_count(ctx.splits.train, class_a, samples.fraction,
+    candidates = sample_rules.candidate_order(ctx.splits.train, class_a, samples.seed)
+    requested = sample_rules.requested_count(ctx.splits.train, class_a, samples.fraction,
                                        samples.max_samples)
-    store = push_cache.block_cache(workdir,
+    store = cache.block_cache(workdir,
                                    push_fingerprint(ctx, config, candidates))
-    return push_cache.latest(workdir, pushes.push_released(
+    return cache.latest(workdir, sample_rules.push_released(
         oracle(), candidates, requested, key, pusher,
         target_class=settings.target_class,
-        size=pushes.block_size(samples.max_samples), store=store,
+        size=sample_rules.block_size(samples.max_samples), store=store,
         show_progress=show_progress))
   candidates = pipeline.user_samples(ctx, config)
-  run = lambda: pushes.push_fraction_first(oracle(), candidates, key, pusher,
+  run = lambda: sample_rules.push_fraction_first(oracle(), candidates, key, pusher,
                                            show_progress=show_progress)
-  return push_cache.cached_push(
+  return cache.cached_push(
       workdir, push_fingerprint(ctx, config, candidates), run)
 
 
@@ -152,9 +152,9 @@ def pushing(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: st
   # Paired: the same ids are submitted in every condition, so the conditions
   # differ only in what the user did to the images.
   requested = int(pushed["requested"])
-  rows = pushes.submitted_rows(pushed, requested)
+  rows = sample_rules.submitted_rows(pushed, requested)
   if not len(rows):
-    raise common.UserError(
+    raise errors.UserError(
         "No sample was pushed by both Pushing-I and Pushing-II, so nothing can be "
         "submitted; raise --max_iterations or --max_l2, or use a larger --fraction.")
   target = config.attack.target_class
@@ -166,5 +166,5 @@ def pushing(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: st
             "throughput": throughput(ctx, push_settings(config, ctx.spec), pushed)
             if config.attack.name == "zoo" else None}
   return pipeline.Submissions(
-      "pushing", submissions_of(pushed, rows), pushes.statistics(pushed), fields,
+      "pushing", submissions_of(pushed, rows), sample_rules.statistics(pushed), fields,
       extra, requested, len(rows), pushed["ids"], float(pushed["seconds"]))

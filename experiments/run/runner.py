@@ -4,7 +4,7 @@
 ``experiments.blending`` and ``experiments.finetune`` do after parsing their flags
 (and what tests call directly): check every setting before any data is read,
 train or reuse the server's model, run the attack chosen by name
-(``experiments/attackers.py``), have a fresh server unlearn and evaluate each
+(``experiments/attacks/registry.py``), have a fresh server unlearn and evaluate each
 submission (``pipeline.run_conditions``), and write ``results.json``, ``results.md``
 and the figures.
 """
@@ -14,21 +14,22 @@ from __future__ import annotations
 import os
 import time
 
-from experiments import attackers
-from experiments import common
-from experiments import configs
-from experiments import pipeline
-from experiments import reporting
-from experiments import screens
-from experiments import validation
+from experiments.attacks import registry
+from experiments.run import progress
+from experiments.run import records
+from experiments.setup import configs
+from experiments.run import pipeline
+from experiments.reports import run_report
+from experiments.server import screens
+from experiments.setup import validation
 
 
 def write_results(results: dict, workdir: str) -> str:
   """results.json, results.md and figures; returns the path of results.json."""
-  path = common.write_json(os.path.join(workdir, "results.json"), results)
+  path = records.write_json(os.path.join(workdir, "results.json"), results)
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(reporting.markdown(results))
-  reporting.write_figures(results, workdir)
+    f.write(run_report.markdown(results))
+  run_report.write_figures(results, workdir)
   return path
 
 
@@ -36,7 +37,7 @@ def run_experiment(ctx: pipeline.Context, config: configs.ExperimentConfig,
                    workdir: str, *, show_progress: bool = True) -> dict:
   """The attack ``config.attack.name`` and every condition: the stamped results."""
   class_a = pipeline.class_a_of(ctx.spec, config)
-  made = attackers.ATTACKS[config.attack.name](ctx, config, workdir,
+  made = registry.ATTACKS[config.attack.name](ctx, config, workdir,
                                                show_progress=show_progress)
   installed = screens.build(ctx, config, made.user_ids)
   started = time.time()
@@ -52,13 +53,13 @@ def run_experiment(ctx: pipeline.Context, config: configs.ExperimentConfig,
       "timings": {"unlearn_and_evaluate_seconds": time.time() - started,
                   "attack_seconds": made.seconds},
   }
-  return common.to_jsonable(pipeline.stamp(results, config))
+  return records.to_jsonable(pipeline.stamp(results, config))
 
 
 def run(config: configs.ExperimentConfig, workdir: str, *,
         data_dir: str | None = None, show_progress: bool = True) -> dict:
   """Checks, trains or reuses the model, attacks, evaluates, writes; the results."""
-  common.quiet_logs()
+  progress.quiet_logs()
   validation.check_experiment(config)
   validation.check_workdir(workdir)
   ctx = pipeline.prepare(config.train, workdir, data_dir=data_dir,
@@ -70,8 +71,8 @@ def run(config: configs.ExperimentConfig, workdir: str, *,
 
 def main(fv, **overrides) -> None:
   """The scripts' thin main: flags to config, ``run``, the report, the path."""
-  from experiments import cli  # pylint: disable=g-import-not-at-top
+  from experiments.setup import cli  # pylint: disable=g-import-not-at-top
   config = cli.experiment_config(fv, **overrides)
   results = run(config, fv.workdir, data_dir=fv.data_dir, show_progress=fv.progress)
-  print(reporting.markdown(results))
+  print(run_report.markdown(results))
   print(os.path.join(fv.workdir, "results.json"))

@@ -15,8 +15,10 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from experiments import common
-from experiments import configs
+from experiments.run import errors
+from experiments.run import progress
+from experiments.run import records
+from experiments.setup import configs
 from ounl_jax import checkpoint
 from ounl_jax import data as data_lib
 from ounl_jax import models
@@ -76,14 +78,14 @@ def check_data_identity(workdir: str, config: configs.TrainConfig,
   found = {"dataset": config.dataset, "fingerprint": data_fingerprint(splits),
            "splits": data_lib.describe(splits)}
   if os.path.exists(path):
-    saved = common.read_json(path)
-    if saved != common.to_jsonable(found):
-      raise common.UserError(
+    saved = records.read_json(path)
+    if saved != records.to_jsonable(found):
+      raise errors.UserError(
           f"{workdir} was made with other {config.dataset} data ({saved}) than "
           f"this run reads ({found}): TFDS_DATA_DIR or --data_dir points at "
           "another copy. Use another --workdir, or the data it was made with.")
   else:
-    common.write_json(path, found)
+    records.write_json(path, found)
 
 
 def _checkpoint_tree(state, best_variables, stopping, epoch) -> dict:
@@ -111,7 +113,7 @@ def _resume(epoch_dir: str, history_path: str, state, best_variables, stopping):
         int(tree["epochs_since_best"]))
     start_epoch = int(tree["epoch"]) + 1
     if os.path.exists(history_path):
-      history = common.read_json(history_path)[:start_epoch]
+      history = records.read_json(history_path)[:start_epoch]
   return state, best_variables, stopping, history, start_epoch
 
 
@@ -136,7 +138,7 @@ def _final_metrics(config, splits, spec, eval_fn, best_variables, stopping,
                              if history else None),
       "history": history,
       "final": final,
-      **common.run_metadata({"train": config.to_dict()}),
+      **records.run_metadata({"train": config.to_dict()}),
   }
 
 
@@ -144,7 +146,7 @@ def _epoch(config, splits, step_fn, eval_fn, state, best_variables, stopping,
            key, epoch: int, show_progress: bool):
   """One training epoch, its validation and early-stopping update."""
   num_batches = len(splits.train) // config.batch_size
-  bar = common.progress(total=num_batches, desc=f"epoch {epoch + 1}/{config.epochs}",
+  bar = progress.progress(total=num_batches, desc=f"epoch {epoch + 1}/{config.epochs}",
                         enabled=show_progress)
   started = time.time()
   state, train_metrics = train_lib.train_epoch(
@@ -188,9 +190,9 @@ def train_or_restore(config: configs.TrainConfig, workdir: str,
   variables = model.init(jax.random.fold_in(jax.random.key(config.seed), 0))
 
   if os.path.exists(metrics_path):
-    saved = common.read_json(metrics_path)
-    if saved.get("config", {}).get("train") != common.to_jsonable(config.to_dict()):
-      raise common.UserError(
+    saved = records.read_json(metrics_path)
+    if saved.get("config", {}).get("train") != records.to_jsonable(config.to_dict()):
+      raise errors.UserError(
           f"{workdir!r} holds a model trained with another configuration "
           f"({saved.get('config', {}).get('train')}); this run asks for "
           f"{config.to_dict()}. Use another --workdir, or the same flags.")
@@ -217,12 +219,12 @@ def train_or_restore(config: configs.TrainConfig, workdir: str,
     history.append(record)
     # History first: a crash in between leaves it one epoch ahead, and resuming
     # trims it to the checkpoint.
-    common.write_json(history_path, history)
+    records.write_json(history_path, history)
     checkpoint.save(epoch_dir, epoch,
                     _checkpoint_tree(state, best_variables, stopping, epoch))
 
   metrics = _final_metrics(config, splits, spec, eval_fn, best_variables, stopping,
                            history)
   checkpoint.save(model_dir, 0, best_variables, max_to_keep=1)
-  common.write_json(metrics_path, metrics)
+  records.write_json(metrics_path, metrics)
   return TrainedModel(model, best_variables, metrics)

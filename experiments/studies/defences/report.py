@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import matplotlib
 import numpy as np
 
-from experiments import adaptive_attacks as adaptive
+from experiments.attacks import adaptive
 from ounl_jax.defences import screening
+from experiments.reports import figures
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ATTACKS = {"blending": "Blending", "pushing_i": "Pushing-I",
            "pushing_ii": "Pushing-II"}
@@ -102,6 +100,8 @@ def after_screening_lines(results: dict, attacks: list) -> list[str]:
 
 
 def plot_roc(results: dict, path: str) -> str:
+  """ROC curves: each per-sample defence against each attack (honest vs attack)."""
+  plt = figures.pyplot()
   fig, axes = plt.subplots(1, len(ATTACKS), figsize=(4.2 * len(ATTACKS), 4.0),
                            squeeze=False)
   for ax, (attack, attack_label) in zip(axes[0], ATTACKS.items()):

@@ -1,6 +1,6 @@
 """Every flag checked before any data is read or any model trained.
 
-Each check raises ``common.UserError`` with one line that names the flag, the value
+Each check raises ``errors.UserError`` with one line that names the flag, the value
 and the fix; ``cli.run_main`` prints it and exits with status 2 (``--debug`` shows
 the traceback instead).
 """
@@ -11,18 +11,18 @@ import math
 import os
 import tempfile
 
-from experiments import attackers
-from experiments import common
-from experiments import configs
-from experiments import pushes
-from experiments import screens
+from experiments.attacks import registry
+from experiments.run import errors
+from experiments.setup import configs
+from experiments.attacks.pushing import sample_rules
+from experiments.server import screens
 from ounl_jax import data as data_lib
 from ounl_jax import models
 from ounl_jax import unlearning
 
 
 def _fail(flag: str, value, fix: str):
-  raise common.UserError(f"--{flag}={value}: {fix}")
+  raise errors.UserError(f"--{flag}={value}: {fix}")
 
 
 def _positive(flag: str, value, *, integer: bool = True, allow_none: bool = True):
@@ -43,7 +43,7 @@ def _known(flag: str, value, check):
   try:
     return check(value)
   except ValueError as error:
-    raise common.UserError(f"--{flag}={value}: {error}") from None
+    raise errors.UserError(f"--{flag}={value}: {error}") from None
 
 
 def check_train(config: configs.TrainConfig) -> data_lib.DatasetSpec:
@@ -70,8 +70,8 @@ def check_attack(spec: data_lib.DatasetSpec, config) -> None:
   fraction = value("fraction")
   if not (math.isfinite(fraction) and 0 < fraction <= 1):
     _fail("fraction", fraction, "must be in (0, 1] (the paper uses 0.1 and 0.5).")
-  for flag, known in (("sample_rule", pushes.SAMPLE_RULES),
-                      ("attack", tuple(attackers.ATTACKS)),
+  for flag, known in (("sample_rule", sample_rules.SAMPLE_RULES),
+                      ("attack", tuple(registry.ATTACKS)),
                       ("defence", tuple(screens.DEFENCES)),
                       ("unlearning", tuple(unlearning.METHODS))):
     if value(flag) not in known:
@@ -111,6 +111,6 @@ def check_workdir(workdir: str) -> None:
     with tempfile.NamedTemporaryFile(dir=workdir):
       pass
   except OSError as error:
-    raise common.UserError(
+    raise errors.UserError(
         f"--workdir={workdir}: cannot write there ({error.strerror}); choose a "
         "folder you can write to.") from None

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
+from experiments.reports import figures
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONDITION_NAMES = {"clean": "Clean model", "normal": "Normal unlearning",
                    "pushing_i": "Pushing-I", "pushing_ii": "Pushing-II",
@@ -154,6 +152,7 @@ def markdown(results: dict) -> str:
 
 def class_a_figure(results: dict, path: str) -> str:
   """Fig. 5: class-A (and class-B) accuracy per condition."""
+  plt = figures.pyplot()
   conditions = results["conditions"]
   names = [CONDITION_NAMES.get(n, n) for n in conditions]
   fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -172,6 +171,7 @@ def class_a_figure(results: dict, path: str) -> str:
 
 def histogram_figure(results: dict, path: str) -> str:
   """Fig. 6-7: where the clean-correct class-A test samples go after unlearning."""
+  plt = figures.pyplot()
   conditions = {k: v for k, v in results["conditions"].items() if k != "clean"}
   classes = list(next(iter(conditions.values()))["histogram"])
   fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes) + 2), 3.8))
@@ -195,6 +195,7 @@ def histogram_figure(results: dict, path: str) -> str:
 
 def sweep_figure(measured: dict, path: str) -> str:
   """Fig. 8 / Fig. 10: drop versus normal unlearning against the number of samples."""
+  plt = figures.pyplot()
   first = next(iter(measured.values()))
   pushing = first["experiment"] == "pushing"
   key = "overall_accuracy" if pushing else "class_b_accuracy"

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
 import numpy as np
 
-from experiments import stealthiness_data as data
+from experiments.studies.stealthiness import measure as data
+from experiments.reports import figures
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DIFFERENCE_GAIN = 10.0  # magnification of the differences in the figure
 NUM_EXAMPLES = 4
@@ -60,6 +58,7 @@ def markdown(results: dict) -> str:
 
 def plot_examples(arrays: dict[str, np.ndarray], path: str) -> str:
   """A few original / Pushing-I / Pushing-II triplets and magnified differences."""
+  plt = figures.pyplot()
   ok_i = set(successful_rows(arrays, "pushing_i").tolist())
   ok_ii = set(successful_rows(arrays, "pushing_ii").tolist())
   both = sorted(ok_i & ok_ii)

@@ -22,7 +22,7 @@ import zipfile
 
 import numpy as np
 
-from experiments import common
+from experiments.run import errors
 
 
 def fingerprint(payload: dict) -> str:
@@ -49,12 +49,12 @@ def load(path: str, key: str) -> dict | None:
         return None
       return {k: saved[k] for k in saved.files}
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-    common.warn(f"{path} is unreadable ({type(error).__name__}); pushing again.")
+    errors.warn(f"{path} is unreadable ({type(error).__name__}); pushing again.")
     return None
 
 
 class BlockCache:
-  """The released rule's block store on disk (``pushes.MemoryStore``'s methods):
+  """The released rule's block store on disk (``sample_rules.MemoryStore``'s methods):
   ``attack/blocks-<key>/block-<b>.npz``, each holding a block's first rows."""
 
   def __init__(self, workdir: str, key: str):
@@ -72,7 +72,7 @@ class BlockCache:
 
 
 def block_cache(workdir: str, key: str) -> BlockCache:
-  """A ``store`` for ``pushes.push_released``, shared by every run in ``workdir``."""
+  """A ``store`` for ``sample_rules.push_released``, shared by every run in ``workdir``."""
   return BlockCache(workdir, key)
 
 

@@ -2,12 +2,12 @@
 
 1. Train (or reuse) the server's model (``training.train_or_restore``).
 2. Select the malicious user's samples (docs/protocol.md §4).
-3. The attack chosen by name (``experiments/attackers.py``) makes its submissions,
+3. The attack chosen by name (``experiments/attacks/registry.py``) makes its submissions,
    ``{condition: (images, labels)}``, through the black-box oracle only (the
    white-box ``unlearning_gradient`` is the documented exception).
-4. ``run_conditions`` (driven by ``experiments.runner``): for every submission a fresh server holding the clean model
+4. ``run_conditions`` (driven by ``experiments.run.runner``): for every submission a fresh server holding the clean model
    (same server key, so the same noise / relabelling; the defence chosen by name,
-   ``experiments/screens.py``, screening each request) unlearns it and is evaluated
+   ``experiments/server/screens.py``, screening each request) unlearns it and is evaluated
    on its test set. ``normal`` submits the same training ids unmodified, with their
    true labels (the paired baseline).
 """
@@ -20,9 +20,9 @@ from typing import NamedTuple, Sequence
 import jax
 import numpy as np
 
-from experiments import common
-from experiments import configs
-from experiments import training
+from experiments.run import records
+from experiments.setup import configs
+from experiments.run import training
 from ounl_jax import data as data_lib
 from ounl_jax import service as service_lib
 from ounl_jax import unlearning
@@ -38,7 +38,7 @@ class Context(NamedTuple):
 
 
 class Submissions(NamedTuple):
-  """What an attack hands the runner (``experiments/attackers.py``).
+  """What an attack hands the runner (``experiments/attacks/registry.py``).
 
   Attributes:
     experiment: the results' kind, ``pushing`` or ``blending`` (their layout).
@@ -194,4 +194,4 @@ def run_summary(ctx: Context, config: configs.ExperimentConfig, experiment: str,
 
 def stamp(results: dict, config: configs.ExperimentConfig) -> dict:
   """Adds the full config, seeds, versions and commit to a results dict."""
-  return {**results, **common.run_metadata(config.to_dict())}
+  return {**results, **records.run_metadata(config.to_dict())}

@@ -1,4 +1,4 @@
-"""What every experiment shares: run metadata, result files, user errors, progress.
+"""What a run records: its config, seeds, versions and commit, and result files.
 
 Side effects live here and in the experiment scripts, never in ``ounl_jax``.
 """
@@ -14,47 +14,15 @@ import subprocess
 import sys
 from typing import Any
 
-import jax
 import numpy as np
 
-from experiments import configs
-
-# The server's training config (``experiments/configs.py``), kept here for the
-# scripts and benchmarks that import it from ``common``.
-TrainConfig = configs.TrainConfig
-
-
-# JAX's own events for the three steps of a compilation (trace, lower, XLA
-# compile). A rate compared with a warmed-up baseline (``devices.
-# forward_images_per_second`` compiles before it times) leaves these out too.
-COMPILE_EVENTS = frozenset({"/jax/core/compile/jaxpr_trace_duration",
-                            "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                            "/jax/core/compile/backend_compile_duration"})
-_compiling = [0.0]
-
-
-def _count_compiling(event: str, seconds: float, **unused) -> None:
-  if event in COMPILE_EVENTS:
-    _compiling[0] += seconds
-
-
-jax.monitoring.register_event_duration_secs_listener(_count_compiling)
-
-
-def compile_seconds() -> float:
-  """Seconds this process has spent compiling so far (differences time a step)."""
-  return _compiling[0]
-
-
-def quiet_logs() -> None:
-  """Keeps absl/orbax/TFDS INFO chatter off the terminal (warnings still show)."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)
+from experiments.run import errors
 
 
 def git_commit() -> dict[str, Any]:
   """The commit of the code that ran, and whether the tree had local changes."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
   try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, text=True,
                             capture_output=True, check=True).stdout.strip()
@@ -123,30 +91,5 @@ def read_json(path: str) -> Any:
     with open(path) as f:
       return json.load(f)
   except json.JSONDecodeError as error:
-    raise UserError(f"{path} is not valid JSON ({error}); it was cut short or "
+    raise errors.UserError(f"{path} is not valid JSON ({error}); it was cut short or "
                     "edited. Delete it and rerun to write it again.") from error
-
-
-class UserError(ValueError):
-  """A problem the user can fix; ``cli.run_main`` prints its one line, exit 2."""
-
-
-def user_errors() -> tuple[type, ...]:
-  """Errors whose message is the whole story: printed as one line, exit 2."""
-  # pylint: disable=g-import-not-at-top
-  from ounl_jax import checkpoint
-  from ounl_jax import data as data_lib
-  return (UserError, data_lib.DataNotFoundError, data_lib.DataFormatError,
-          data_lib.DataCorruptError, checkpoint.CheckpointError)
-
-
-def warn(message: str) -> None:
-  """One line on stderr (experiments only; the library never prints)."""
-  print(f"warning: {message}", file=sys.stderr)
-
-
-def progress(iterable=None, *, total=None, desc=None, enabled=True, **kwargs):
-  """A tqdm progress bar on stderr (silent when disabled)."""
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(iterable, total=total, desc=desc, disable=not enabled,
-              dynamic_ncols=True, leave=False, **kwargs)

@@ -18,16 +18,14 @@ attack; ``tradeoff_figure`` plots detection against the class-A gap left.
 
 from __future__ import annotations
 
-import matplotlib
 import numpy as np
 
-from experiments import pipeline
+from experiments.run import pipeline
 from ounl_jax import service as service_lib
 from ounl_jax.attacks import margin_evasion
 from ounl_jax.defences import screening
+from experiments.reports import figures
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def label(attack: str) -> str:
@@ -109,6 +107,7 @@ def after_screening(ctx, config, scorers: dict, sample_results: dict,
 
 def tradeoff_figure(results: dict, path: str) -> str:
   """Margin-screen detection against the class-A gap (vs normal) left after it."""
+  plt = figures.pyplot()
   passed = results["after_screening"]["margin"]
   normal = passed["normal"]["class_a_accuracy"]
   detection = results["sample_defences"]["margin"]["attacks"]

@@ -13,8 +13,8 @@ import time
 import jax
 import numpy as np
 
-from experiments import configs
-from experiments import pipeline
+from experiments.setup import configs
+from experiments.run import pipeline
 from ounl_jax import data as data_lib
 from ounl_jax.attacks import blending as blending_lib
 

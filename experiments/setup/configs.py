@@ -6,7 +6,7 @@ Defaults live in one place: the library's settings dataclasses
 experiments must differ from the library, the difference is stated once, below,
 with its reason (docs/protocol.md). Command-line flags are flat names
 (``--fraction``, ``--tau``); ``FLAG_PATHS`` says where each lands in the nested
-config, and ``experiments.cli`` derives every flag's default from it.
+config, and ``experiments.setup.cli`` derives every flag's default from it.
 
 >>> config = override(ExperimentConfig(), fraction=0.5, tau=2e-5)
 >>> config.samples.fraction, config.server.first_order.tau
@@ -52,7 +52,7 @@ class SamplesConfig:
 
   unlearn_class: str | None = None     # None: the paper's class A of the dataset.
   fraction: float = 0.1
-  rule: str = "released"               # experiments/pushes.py SAMPLE_RULES.
+  rule: str = "released"               # experiments/attacks/pushing/sample_rules.py SAMPLE_RULES.
   max_samples: int | None = None       # Cap on the user's samples (reduced scales).
   pool: str = "valid"                  # Data the user holds: valid or test split.
   seed: int = 88                       # Sample selection (released --random_seed).
@@ -60,7 +60,7 @@ class SamplesConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AttackConfig:
-  """Which attack (``experiments/attackers.py`` ATTACKS) and its settings.
+  """Which attack (``experiments/attacks/registry.py`` ATTACKS) and its settings.
 
   Classes are names here (the flags'); they become indices when the run starts.
   """
@@ -69,7 +69,7 @@ class AttackConfig:
   target_class: str | None = None      # Targeted pushing (Tables V-VI).
   blend_class: str | None = None       # None: the paper's class B of the dataset.
   # The experiments compile 100 ZOO iterations per call (the library's 10 suits
-  # short tests); every --scale preset sets it anyway (experiments/presets.py).
+  # short tests); every --scale preset sets it anyway (experiments/setup/scales.py).
   push: pushing_lib.PushSettings = pushing_lib.PushSettings(
       zoo=zoo.ZooSettings(iterations_per_chunk=100))
   blend_ratio: float = 0.3             # blending.BlendSettings.ratio (class B set
@@ -90,7 +90,7 @@ class ServerConfig:
   fine_tune: unlearning.FineTuneSettings = unlearning.FineTuneSettings()
   gradient_ascent: unlearning.GradientAscentSettings = (
       unlearning.GradientAscentSettings())
-  defence: str = "none"                # experiments/screens.py DEFENCES.
+  defence: str = "none"                # experiments/server/screens.py DEFENCES.
   seed: int = 0                        # The server's noise and relabelling.
 
   def settings(self):

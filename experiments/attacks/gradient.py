@@ -21,9 +21,9 @@ import time
 import jax
 import numpy as np
 
-from experiments import configs
-from experiments import pipeline
-from experiments import training
+from experiments.setup import configs
+from experiments.run import pipeline
+from experiments.run import training
 from ounl_jax import data as data_lib
 from ounl_jax.attacks import unlearning_gradient as gradient_lib
 

@@ -11,7 +11,7 @@ Two sample rules (docs/protocol.md §4):
   is drawn first; the samples that fail (misclassified, not pushed) are dropped, so
   fewer than N are submitted.
 
-Pushes are saved and reused by ``experiments/push_cache.py``.
+Pushes are saved and reused by ``experiments/attacks/pushing/cache.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import common
+from experiments.run import compiling
+from experiments.run import errors
+from experiments.run import progress
 from ounl_jax import data as data_lib
 from ounl_jax.attacks import labels as labels_lib
 from ounl_jax.attacks import pushing as pushing_lib
@@ -65,7 +67,7 @@ def requested_count(train: data_lib.LabelledImages, class_a: int, fraction: floa
   members = int(np.sum(train.labels == class_a))
   count = int(members * fraction)
   if count < 1:
-    raise common.UserError(
+    raise errors.UserError(
         f"--fraction={fraction} of the {members} training samples of class A "
         "selects no sample; use a larger --fraction.")
   return count if max_samples is None else min(count, max_samples)
@@ -94,7 +96,7 @@ def block_size(max_samples: int | None) -> int:
 class MemoryStore(dict):
   """A block store in memory: ``load(b)`` (None if absent) and ``save(b, rows)``.
 
-  ``push_cache.block_cache`` is the same on disk, shared by every run in a workdir.
+  ``cache.block_cache`` is the same on disk, shared by every run in a workdir.
   """
 
   def load(self, block: int) -> dict | None:
@@ -211,7 +213,7 @@ def _warn_if_few_succeed(rows: dict, needed: int, left: int) -> None:
                       return_counts=True)
   why = ", ".join(f"{int(c)} {r}" for r, c in zip(*reasons))
   estimate = (needed - successes) * pushed // max(successes, 1)
-  common.warn(f"Only {successes} of {pushed} pushed samples succeeded ({why}); at "
+  errors.warn(f"Only {successes} of {pushed} pushed samples succeeded ({why}); at "
               f"this rate the {needed - successes} still needed take about "
               f"{estimate} more candidates ({left} are left). Raise --max_iterations "
               "(no_crossing) or lower --fraction.")
@@ -226,7 +228,7 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
   The correctly classified candidates (one counted query each) form a queue; queue
   position p is row ``p % size`` of block ``p // size`` and draws from
   ``sample_keys`` alone, so a run at 10% pushes exactly the first positions of a
-  run at 50%, and blocks saved in ``store`` (``push_cache.block_cache``) serve
+  run at 50%, and blocks saved in ``store`` (``cache.block_cache``) serve
   every fraction. The user pushes exactly the positions still needed, all in one
   stream whose finished samples are replaced at once (attackers with
   ``per_sample_keys``, hardest first by ``screening_margin``; the others push
@@ -249,7 +251,7 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
   hardness = screening_margin(answers)
   taken, saved, done, position = [], {}, 0, 0
   fresh = {"queries": 0, "seconds": 0.0, "compile_seconds": 0.0, "rows": 0}
-  bar = common.progress(total=requested, desc="pushing", unit="sample",
+  bar = progress.progress(total=requested, desc="pushing", unit="sample",
                         enabled=show_progress)
   while done < requested and position < len(queue):
     block, row = divmod(position, size)
@@ -263,12 +265,12 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
       if not attack.per_sample_keys:
         end = -(-end // size) * size
       end = min(end, len(queue))
-      started, compiling = time.time(), common.compile_seconds()
+      started, compiled = time.time(), compiling.compile_seconds()
       rows, queries = _push_positions(oracle, candidates, queue, position, end,
                                       key, attack, size, bar, done, hardness)
       fresh["queries"] += queries
       fresh["seconds"] += time.time() - started
-      fresh["compile_seconds"] += common.compile_seconds() - compiling
+      fresh["compile_seconds"] += compiling.compile_seconds() - compiled
       fresh["rows"] += end - position
       _save_blocks(store, saved, rows, position, size)
       _warn_if_few_succeed(rows, requested - done, len(queue) - end)
@@ -280,7 +282,7 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
     bar.refresh()
   bar.close()
   if not taken:
-    raise common.UserError(
+    raise errors.UserError(
         f"The model misclassifies all {len(candidates)} training samples of class "
         "A, so none can be pushed; train the model longer (--epochs).")
   arrays = concatenate(taken)
@@ -306,12 +308,12 @@ def push_fraction_first(oracle, samples: data_lib.LabelledImages, key: jax.Array
   (``cached_push`` adds the seconds, and sets ``pushed_now`` to 0 when it reads a
   saved push).
   """
-  bar = common.progress(total=len(samples), desc="pushing", unit="sample",
+  bar = progress.progress(total=len(samples), desc="pushing", unit="sample",
                         enabled=show_progress)
-  compiling = common.compile_seconds()
+  compiled = compiling.compile_seconds()
   result = attack.push(oracle, samples.images, samples.labels, key, oracle.init(),
                        _bar_callback(bar, 0))
-  compiling = common.compile_seconds() - compiling
+  compiled = compiling.compile_seconds() - compiled
   bar.close()
   arrays = to_arrays(samples, result)
   arrays.update(candidates_tried=np.asarray(len(samples)),
@@ -320,7 +322,7 @@ def push_fraction_first(oracle, samples: data_lib.LabelledImages, key: jax.Array
                 oracle_queries=np.asarray(result.oracle_queries),
                 push_queries=np.asarray(result.oracle_queries),
                 pushed_now=np.asarray(len(samples)),
-                compile_seconds=np.asarray(compiling),
+                compile_seconds=np.asarray(compiled),
                 requested=np.asarray(len(samples)))
   return arrays
 

@@ -2,7 +2,7 @@
 
 What the user submits under each attack, each per-sample defence's detection rate,
 ROC AUC and false rejections at a threshold calibrated on honest samples, and the
-utility guard's refusals. The defences themselves are ``experiments/screens.py``'s
+utility guard's refusals. The defences themselves are ``experiments/server/screens.py``'s
 (the same ones ``--defence`` installs on the pushing and blending servers).
 """
 
@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from experiments import blend_attack
-from experiments import common
-from experiments import configs
-from experiments import pipeline
-from experiments import push_attack
-from experiments import pushes
-from experiments import screens
+from experiments.attacks import blending
+from experiments.run import errors
+from experiments.setup import configs
+from experiments.run import pipeline
+from experiments.attacks.pushing import attack
+from experiments.attacks.pushing import sample_rules
+from experiments.server import screens
 from ounl_jax import data as data_lib
 from ounl_jax import service as service_lib
 from ounl_jax.defences import hashing
@@ -43,7 +43,7 @@ class DefenceConfig:
   calibrate_on: str = "jpeg"
   seed: int = 0
   pushed: str | None = None         # A pushed.npz to use instead of pushing.
-  # Adaptive users (experiments/adaptive_attacks.py): margins the evading pushes
+  # Adaptive users (experiments/attacks/adaptive.py): margins the evading pushes
   # keep, and the Pushing-II share of the mixed requests.
   adaptive_kappas: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
   mix_fractions: tuple[float, ...] = (0.25, 0.5)
@@ -51,7 +51,7 @@ class DefenceConfig:
   def __post_init__(self):
     if not all(0 < k < 1 for k in self.adaptive_kappas) or not all(
         0 < p <= 1 for p in self.mix_fractions):
-      raise common.UserError(
+      raise errors.UserError(
           f"--adaptive_kappas={list(self.adaptive_kappas)} must lie in (0, 1) and "
           f"--mix_fractions={list(self.mix_fractions)} in (0, 1].")
 
@@ -60,11 +60,11 @@ class DefenceConfig:
 
 
 def submitted_rows(pushed: dict) -> np.ndarray:
-  """The rows the pushing experiment submits (``pushes.submitted_rows``)."""
+  """The rows the pushing experiment submits (``sample_rules.submitted_rows``)."""
   if "pushing_i_success" not in pushed:  # No candidate could be pushed at all.
     return np.zeros(0, np.int64)
   requested = int(pushed.get("requested", len(pushed["pushing_i_success"])))
-  return pushes.submitted_rows(pushed, requested)
+  return sample_rules.submitted_rows(pushed, requested)
 
 
 def attack_sets(ctx: pipeline.Context, config: configs.ExperimentConfig,
@@ -78,7 +78,7 @@ def attack_sets(ctx: pipeline.Context, config: configs.ExperimentConfig,
     pushed["reused"] = True
     source = os.path.abspath(pushed_path)
   else:
-    pushed = push_attack.push_for(ctx, config, workdir,
+    pushed = attack.push_for(ctx, config, workdir,
                                   show_progress=show_progress)
     source = "WORKDIR/attack (push matching the flags)"
   rows = submitted_rows(pushed)
@@ -89,8 +89,8 @@ def attack_sets(ctx: pipeline.Context, config: configs.ExperimentConfig,
                  if len(rows) else empty)
           for name in ("pushing_i", "pushing_ii")}
   samples = pipeline.user_samples(ctx, config)
-  class_b = blend_attack.class_b_of(ctx.spec, config)
-  blended = blend_attack.blend(ctx, config, samples)
+  class_b = blending.class_b_of(ctx.spec, config)
+  blended = blending.blend(ctx, config, samples)
   normal = ((pushed["original"][rows].astype(np.float32),
              pushed["original_labels"][rows].astype(np.int32))
             if len(rows) else empty)
@@ -108,7 +108,7 @@ def attack_sets(ctx: pipeline.Context, config: configs.ExperimentConfig,
 
 
 def fit_sample_defences(ctx: pipeline.Context, calibration, rate: float):
-  """Each per-sample defence's score function (``experiments/screens.py``)."""
+  """Each per-sample defence's score function (``experiments/server/screens.py``)."""
   check = screens.fit_membership(ctx, calibration, rate)
   scorers = {name: screens.DEFENCES[name](ctx, calibration, rate)
              for name in ("exact_hash", "perceptual_hash", "margin")}

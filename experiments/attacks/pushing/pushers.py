@@ -1,4 +1,4 @@
-"""The black-box pushers behind the pushing attacks (``experiments/attackers.py``).
+"""The black-box pushers behind the pushing attacks (``experiments/attacks/registry.py``).
 
 Each returns a ``pushing.PushResult`` (Pushing-I and Pushing-II submissions), so the
 sample rule, the push cache, the conditions and the reports are shared:
@@ -8,7 +8,7 @@ sample rule, the push cache, the conditions and the reports are shared:
 * ``label_only``: decision-based pushing on the oracle's labels (HopSkipJump-style).
 
 Adding a pusher is one function here, one line in ``PUSHERS`` and one line in
-``attackers.ATTACKS``.
+``registry.ATTACKS``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Attacker(NamedTuple):
   """``push(oracle, images, labels, key, oracle_state, on_chunk) -> PushResult``.
 
   ``per_sample_keys``: ``key`` may be (N,) keys, sample i drawing from ``key[i]``
-  alone (then ``pushes.push_released`` pushes in one stream); else one key.
+  alone (then ``sample_rules.push_released`` pushes in one stream); else one key.
   """
 
   oracle_output: str

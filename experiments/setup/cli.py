@@ -3,7 +3,7 @@
 Shared modules define no flag at import time, so every experiment module can be
 imported in one process. An entry module calls ``define_*_flags(flags.FLAGS)``
 under ``if __name__ == "__main__":``; tests pass a fresh ``flags.FlagValues()``.
-Every default comes from ``experiments.configs`` (and so from the library's
+Every default comes from ``experiments.setup.configs`` (and so from the library's
 settings dataclasses); a ``--scale`` preset fills the keys it has unless the flag
 is given (docs/protocol.md §2-§8).
 
@@ -24,10 +24,10 @@ from typing import Any
 
 from absl import flags
 
-from experiments import common
-from experiments import configs
-from experiments import presets
-from experiments import validation
+from experiments.run import errors
+from experiments.setup import configs
+from experiments.setup import scales
+from experiments.setup import validation
 
 _EXPERIMENT = configs.ExperimentConfig()
 
@@ -40,7 +40,7 @@ _HELP = {
     "sample_rule": "released: push class-A samples until N = fraction x class A "
                    "are pushed, submit those N (the authors' code); "
                    "fraction_first: draw the fraction, drop the failures.",
-    "attack": "The attack (experiments/attackers.py): zoo (the paper's, released "
+    "attack": "The attack (experiments/attacks/registry.py): zoo (the paper's, released "
               "settings), zoo_directions, label_only, unlearning_gradient "
               "(white-box upper bound), transfer, blending.",
     "unlearning": "The server's unlearning method.",
@@ -72,7 +72,7 @@ _HELP = {
     "blend_label_mode": "Submitted label of blended samples (paper: prediction).",
     "blend_pool": "Split the user draws its own images from (never the server's "
                   "training data).",
-    "defence": "The server's screen on every request (experiments/screens.py): "
+    "defence": "The server's screen on every request (experiments/server/screens.py): "
                "none, or a Sec. VII defence calibrated at 1% false rejection.",
     "unlearn_seed": "Seed of the sample selection.",
     "attack_seed": "Seed of the attack.",
@@ -118,7 +118,7 @@ def define_common_flags(fv, *, workdir: str = "./runs/default",
                       flag_values=fv)
   flags.DEFINE_string("model", train.model, "vgg3, vgg4, vgg5 or resnet.",
                       flag_values=fv)
-  flags.DEFINE_enum("scale", scale, list(presets.SCALES),
+  flags.DEFINE_enum("scale", scale, list(scales.SCALES),
                     "Preset of sizes: smoke (seconds), cpu (minutes on a 2-core "
                     "CPU), paper (the paper's settings). Explicit flags override.",
                     flag_values=fv)
@@ -144,11 +144,11 @@ def define_common_flags(fv, *, workdir: str = "./runs/default",
 
 def define_experiment_flags(fv, *, workdir: str = "./runs/cifar10") -> None:
   """The common flags and every ``configs.FLAG_PATHS`` flag (pushing, blending)."""
-  from experiments import attackers  # pylint: disable=g-import-not-at-top
-  from experiments import screens  # pylint: disable=g-import-not-at-top
+  from experiments.attacks import registry  # pylint: disable=g-import-not-at-top
+  from experiments.server import screens  # pylint: disable=g-import-not-at-top
   from ounl_jax import unlearning  # pylint: disable=g-import-not-at-top
   define_common_flags(fv, workdir=workdir)
-  choices = {"attack": list(attackers.ATTACKS), "defence": list(screens.DEFENCES),
+  choices = {"attack": list(registry.ATTACKS), "defence": list(screens.DEFENCES),
              "unlearning": list(unlearning.METHODS)}
   for name in configs.FLAG_PATHS:
     _define(fv, name, configs.flag_default(name), _HELP[name], choices=choices)
@@ -156,7 +156,7 @@ def define_experiment_flags(fv, *, workdir: str = "./runs/cifar10") -> None:
 
 def from_preset(fv, name: str) -> Any:
   """The flag's value if given on the command line, else the scale preset's."""
-  preset = presets.get_scale(fv.scale)
+  preset = scales.get_scale(fv.scale)
   if fv[name].present or name not in preset:
     return fv[name].value
   return preset[name]
@@ -185,7 +185,7 @@ def run_main(main, fv=flags.FLAGS) -> None:
   def wrapped(argv):
     try:
       return main(argv)
-    except common.user_errors() as error:
+    except errors.user_errors() as error:
       if fv.debug:
         raise
       print(f"error: {error}", file=sys.stderr)

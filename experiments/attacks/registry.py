@@ -2,13 +2,13 @@
 
 An attack is ``attack(ctx, config, workdir, *, show_progress) ->
 pipeline.Submissions``: ``{condition: (images, labels)}`` (``normal`` first, the
-same ids unmodified) plus its statistics; ``experiments.runner`` has a fresh
+same ids unmodified) plus its statistics; ``experiments.run.runner`` has a fresh
 server unlearn and evaluate each submission (``pipeline.run_conditions``).
 
 Every attack but one receives only the oracle (``pipeline.new_server(...).oracle()``):
 
 * ``zoo``, ``zoo_directions``, ``label_only``: pushing (Sec. III-C) under the
-  sample rule, with the pusher of ``experiments/pushers.py``;
+  sample rule, with the pusher of ``experiments/attacks/pushing/pushers.py``;
 * ``blending``: Eq. 1 (Sec. III-B);
 * ``transfer``: gradient through unlearning against the user's own surrogate;
 * ``unlearning_gradient``: **white-box**, it receives the server's model and
@@ -22,17 +22,17 @@ Adding an attack is one module and one line here.
 
 from __future__ import annotations
 
-from experiments import blend_attack
-from experiments import gradient_attack
-from experiments import push_attack
+from experiments.attacks import blending
+from experiments.attacks import gradient
+from experiments.attacks.pushing import attack
 
 ATTACKS = {
-    "zoo": push_attack.pushing,
-    "zoo_directions": push_attack.pushing,
-    "label_only": push_attack.pushing,
-    "blending": blend_attack.blending,
-    "unlearning_gradient": gradient_attack.white_box,
-    "transfer": gradient_attack.transfer,
+    "zoo": attack.pushing,
+    "zoo_directions": attack.pushing,
+    "label_only": attack.pushing,
+    "blending": blending.blending,
+    "unlearning_gradient": gradient.white_box,
+    "transfer": gradient.transfer,
 }
 # Attacks that push under a sample rule and share the push cache.
 PUSHING = ("zoo", "zoo_directions", "label_only")
