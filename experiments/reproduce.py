@@ -27,6 +27,7 @@ from experiments.run import errors
 from experiments.run import progress
 from experiments.run import records
 from experiments.setup import configs
+from experiments.setup import overrides
 from experiments.reports import paper_tables
 from experiments.run import pipeline
 from experiments.reports import run_report
@@ -98,8 +99,8 @@ def check(table: str, base: configs.ExperimentConfig, workdir: str,
   if wanted is not None and base.train.dataset != wanted:
     raise errors.UserError(f"--table={table} is the paper's {wanted} table; run "
                            f"it with --dataset={wanted}.")
-  for _, overrides in grid(table, points):
-    validation.check_experiment(configs.override(base, **overrides))
+  for _, changes in grid(table, points):
+    validation.check_experiment(overrides.override(base, **changes))
   validation.check_workdir(workdir)
 
 
@@ -115,11 +116,11 @@ def measure(table: str, base: configs.ExperimentConfig, workdir: str, *,
     model_dir = workdir if len(models) == 1 else os.path.join(workdir, model)
     ctx = pipeline.prepare(train_config, model_dir, data_dir=data_dir,
                            show_progress=show_progress)
-    for point, overrides in progress.progress(
+    for point, changes in progress.progress(
         grid(table, points), desc=f"table {table} ({model})",
         enabled=show_progress):
       name = point if len(models) == 1 else f"{model}/{point}"
-      config = configs.override(base, model=model, **overrides)
+      config = overrides.override(base, model=model, **changes)
       measured[model if spec.models else name] = run_point(
           ctx, config, os.path.join(root, name), model_dir, show_progress)
   return measured

@@ -6,8 +6,11 @@ import dataclasses
 import jax
 import numpy as np
 
+from experiments.attacks.pushing import artefact
 from experiments.attacks.pushing import cache
 from experiments.attacks.pushing import pushers
+from experiments.attacks.pushing import blocks
+from experiments.attacks.pushing import released_rule
 from experiments.attacks.pushing import sample_rules
 from ounl_jax import data as data_lib
 from ounl_jax.attacks import labels as labels_lib
@@ -23,7 +26,7 @@ def candidates(count=20):
   return data_lib.LabelledImages(images, labels, np.arange(100, 100 + count))
 
 
-class RecordingStore(sample_rules.MemoryStore):
+class RecordingStore(blocks.MemoryStore):
   """Remembers which blocks were read and written, and with how many rows."""
 
   def __init__(self):
@@ -40,9 +43,9 @@ class RecordingStore(sample_rules.MemoryStore):
 
 
 def push(requested, store=None, size=4, per_sample_keys=True):
-  attack = pushers.make("zoo", tp.UNTARGETED, None)._replace(
+  attack = pushers.zoo_pusher(tp.UNTARGETED, None)._replace(
       per_sample_keys=per_sample_keys)
-  return sample_rules.push_released(tp.make_oracle(), candidates(), requested,
+  return released_rule.push_released(tp.make_oracle(), candidates(), requested,
                               jax.random.key(7), attack, target_class=None,
                               size=size, store=store, show_progress=False)
 
@@ -56,14 +59,14 @@ def test_small_n_is_the_prefix_of_large_n_and_reads_only_saved_rows():
   small_alone = push(3)
   store = RecordingStore()
   large = push(9, store)
-  assert int(large["pushed_now"]) == sample_rules.spare(9) and store.saves
+  assert int(large["pushed_now"]) == released_rule.spare(9) and store.saves
   store.saves.clear()
   small = push(3, store)
   assert int(small["pushed_now"]) == 0 and bool(small["reused"])
   assert store.saves == [] and store.loads[-1] == 0
-  rows = sample_rules.submitted_rows(small, 3)
+  rows = artefact.submitted_rows(small, 3)
   np.testing.assert_array_equal(small["ids"][rows],
-                                large["ids"][sample_rules.submitted_rows(large, 9)[:3]])
+                                large["ids"][artefact.submitted_rows(large, 9)[:3]])
   # ...and the same as the small request pushed from nothing (one key per sample).
   assert_same_rows(small, small_alone)
   assert small["candidates_tried"] == small_alone["candidates_tried"]
@@ -77,9 +80,9 @@ def test_small_n_is_the_prefix_of_large_n_and_reads_only_saved_rows():
 def test_large_n_after_small_n_pushes_only_the_positions_still_needed():
   store = RecordingStore()
   push(3, store)   # Pushes spare(3) = 4 positions: block 0, saved.
-  first = int(sample_rules._successes(store.load(0)).sum())
+  first = int(artefact.successes(store.load(0)).sum())
   large = push(9, store)
-  assert int(large["pushed_now"]) == sample_rules.spare(9 - first)
+  assert int(large["pushed_now"]) == released_rule.spare(9 - first)
   assert_same_rows(large, push(9))
   # A partly filled block is completed in place, never pushed twice.
   block, rows = store.saves[-1]
@@ -88,7 +91,7 @@ def test_large_n_after_small_n_pushes_only_the_positions_still_needed():
 
 def test_one_stream_pushes_exactly_the_shortfall():
   pushed = push(9)
-  successes = int(sample_rules._successes(pushed).sum())
+  successes = int(artefact.successes(pushed).sum())
   assert successes == 9 or int(pushed["candidates_tried"]) == len(candidates())
   # Nothing beyond the ninth success was pushed.
   assert pushed["pushing_i_success"][-1] and pushed["pushing_ii_success"][-1]
@@ -116,8 +119,8 @@ def test_oracle_total_counts_screening_and_every_push():
 def test_a_stream_where_most_fail_says_how_to_fix_it(capsys):
   short = dataclasses.replace(
       tp.UNTARGETED, zoo=dataclasses.replace(tp.ZOO, max_iterations=1))
-  attack = pushers.make("zoo", short, None)
-  pushed = sample_rules.push_released(tp.make_oracle(), candidates(), 9,
+  attack = pushers.zoo_pusher(short, None)
+  pushed = released_rule.push_released(tp.make_oracle(), candidates(), 9,
                                 jax.random.key(7), attack, target_class=None,
                                 size=4, show_progress=False)
   # Every candidate was tried (the rule pushes on), and the user was told why.
@@ -128,7 +131,7 @@ def test_a_stream_where_most_fail_says_how_to_fix_it(capsys):
 
 def test_a_stream_admits_the_hardest_first_and_the_order_changes_no_row():
   seen = []
-  base = pushers.make("zoo", tp.UNTARGETED, None)
+  base = pushers.zoo_pusher(tp.UNTARGETED, None)
 
   def recording(oracle, images, labels, key, state, on_chunk):
     seen.append(np.asarray(images))
@@ -136,22 +139,22 @@ def test_a_stream_admits_the_hardest_first_and_the_order_changes_no_row():
 
   attack = base._replace(push=recording)
   oracle = tp.make_oracle()
-  sample_rules.push_released(oracle, candidates(), 9, jax.random.key(7), attack,
+  released_rule.push_released(oracle, candidates(), 9, jax.random.key(7), attack,
                        target_class=None, size=4, show_progress=False)
   answers, _ = labels_lib.oracle_answers(oracle, oracle.init(), seen[0])
-  assert (np.diff(sample_rules.screening_margin(answers)) <= 1e-6).all()
+  assert (np.diff(released_rule.screening_margin(answers)) <= 1e-6).all()
   # Admitted in the opposite order, every row is the same (one key per sample).
   samples = candidates().take(np.arange(8))
-  keys = sample_rules.sample_keys(jax.random.key(7), np.arange(8), 4)
+  keys = blocks.sample_keys(jax.random.key(7), np.arange(8), 4)
   margin = np.linspace(0.0, 1.0, 8)
-  hardest_first, _ = sample_rules._push_stream(oracle, samples, keys, base, margin, None)
-  easiest_first, _ = sample_rules._push_stream(oracle, samples, keys, base, -margin, None)
+  hardest_first, _ = released_rule._push_stream(oracle, samples, keys, base, margin, None)
+  easiest_first, _ = released_rule._push_stream(oracle, samples, keys, base, -margin, None)
   assert_same_rows(hardest_first, easiest_first)
   np.testing.assert_array_equal(hardest_first["ids"], samples.ids)
 
 
 def test_fraction_first_push_is_timed_once_and_not_when_read_back(tmp_path):
-  attack = pushers.make("zoo", tp.UNTARGETED, None)
+  attack = pushers.zoo_pusher(tp.UNTARGETED, None)
   samples = candidates(6)
   oracle = tp.make_oracle()
   run = lambda: sample_rules.push_fraction_first(oracle, samples, jax.random.key(7), attack,

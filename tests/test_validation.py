@@ -29,19 +29,23 @@ def run_with(tmp_path, *extra):
     ("--fraction=0", "must be in (0, 1]"),
     ("--fraction=1.5", "must be in (0, 1]"),
     ("--fraction=nan", "must be in (0, 1]"),
-    ("--tau=-1", "positive finite number"),
+    ("--tau=-1", "tau must be > 0"),
     ("--epochs=0", "positive integer"),
     ("--width=0", "positive integer"),
     ("--batch_size=0", "positive integer"),
     ("--max_l2=-1", "positive finite number"),
-    ("--max_iterations=0", "positive integer"),
+    ("--max_iterations=0", "max_iterations must be >= 1"),
     ("--blend_ratio=2", "must be in (0, 1]"),
     ("--target_class=airplane", "must differ from the unlearned class"),
     ("--target_class=kat", "Did you mean cat"),
     ("--dataset=mnist", "cifar10, cifar100, stl10"),
     ("--model=vgg9", "Did you mean vgg5"),
-    ("--reference_batch_size=0", "positive integer"),
-    ("--finetune_epochs=0", "positive integer"),
+    ("--reference_batch_size=0", "reference_batch_size must be >= 1"),
+    ("--finetune_epochs=0", "epochs and batch_size must be >= 1"),
+    ("--tau=inf", "tau must be finite"),
+    ("--finetune_learning_rate=0", "positive finite number"),
+    ("--false_rejection_rate=1", "must be in (0, 1)"),
+    ("--sample_chunk_size=0", "sample_chunk_size must be >= 1"),
 ])
 def test_bad_flag_is_refused_before_any_work(tmp_path, flag, message):
   workdir = tmp_path / "run"
@@ -61,8 +65,8 @@ def test_unwritable_workdir_is_refused_before_any_work(tmp_path):
 
 
 @pytest.mark.parametrize("script,flag,message", [
-    ("pushing", "--fraction=1.5", "--fraction=1.5: must be in (0, 1] (the paper "
-     "uses 0.1 and 0.5)."),
+    ("pushing", "--fraction=1.5", "--fraction=1.5: fraction must be in (0, 1] "
+     "(the paper uses 0.1 and 0.5), got 1.5."),
     ("blending", "--defence=hashes", "--defence=hashes: value should be one of"),
 ])
 def test_command_line_prints_one_line_and_exits_2(tmp_path, script, flag, message):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from experiments.attacks.pushing import artefact
 from experiments.run import pipeline
 from ounl_jax import service as service_lib
 from ounl_jax.attacks import margin_evasion
@@ -45,19 +46,20 @@ def label(attack: str) -> str:
 def evasion_sets(ctx: pipeline.Context, config, pushed: dict, rows: np.ndarray,
                  kappas) -> tuple[dict, dict]:
   """Pushing-I / II of ``rows`` moved to each margin kappa; sets and statistics."""
-  class_a = pushed["original_labels"][rows]
+  paired = artefact.submissions(pushed, rows)
+  original, class_a = paired["normal"]
   sets, stats = {}, {}
   for kappa in kappas:
     for name, inside in (("pushing_i", True), ("pushing_ii", False)):
       oracle = pipeline.new_server(ctx, config).oracle()
       evaded = margin_evasion.evade_margin(
-          oracle, oracle.init(), pushed["original"][rows], pushed[name][rows],
+          oracle, oracle.init(), original, paired[name][0],
           class_a, margin_evasion.MarginEvasionSettings(
               kappa=kappa, max_l2=config.attack.push.max_l2), inside=inside)
       ok = evaded.success
       key = f"{name}_kappa{kappa:g}"
       sets[key] = (evaded.images[ok].astype(np.float32),
-                   pushed[f"{name}_labels"][rows][ok].astype(np.int32))
+                   paired[name][1][ok])
       stats[key] = {"kappa": kappa, "successes": int(ok.sum()),
                     "samples": int(len(ok)),
                     "queries_per_sample": float(evaded.queries.mean()),

@@ -1,7 +1,7 @@
 """The paper's tables and figures as grids of runs, with the paper's numbers.
 
 Each entry of ``TABLES`` says which runs a table needs (``grid``: point name and
-the settings it overrides, by flag name: ``configs.override``) and how to put the paper's numbers beside
+the settings it overrides, by flag name: ``overrides.override``) and how to put the paper's numbers beside
 the measured ones (``report``). The numbers are those of docs/protocol.md §14, in
 percent.
 """

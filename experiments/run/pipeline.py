@@ -23,6 +23,7 @@ import numpy as np
 from experiments.run import records
 from experiments.setup import configs
 from experiments.run import training
+from experiments.server import methods
 from ounl_jax import data as data_lib
 from ounl_jax import service as service_lib
 from ounl_jax import unlearning
@@ -111,7 +112,8 @@ def new_server(ctx: Context, config: configs.ExperimentConfig, *,
   """A server holding the clean model (each condition starts from it)."""
   return service_lib.UnlearningService(
       ctx.trained.model, ctx.trained.variables, ctx.splits.test,
-      key=jax.random.key(config.server.seed), method=config.server.method,
+      key=jax.random.key(config.server.seed),
+      method=methods.get(config.server.method),
       settings=config.server.settings(), output=output, screens=screens,
       guard=guard)
 

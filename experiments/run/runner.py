@@ -37,8 +37,8 @@ def run_experiment(ctx: pipeline.Context, config: configs.ExperimentConfig,
                    workdir: str, *, show_progress: bool = True) -> dict:
   """The attack ``config.attack.name`` and every condition: the stamped results."""
   class_a = pipeline.class_a_of(ctx.spec, config)
-  made = registry.ATTACKS[config.attack.name](ctx, config, workdir,
-                                               show_progress=show_progress)
+  made = registry.get(config.attack.name).make_submissions(
+      ctx, config, workdir, show_progress=show_progress)
   installed = screens.build(ctx, config, made.user_ids)
   started = time.time()
   conditions = pipeline.run_conditions(ctx, config, made.submissions, class_a,
@@ -69,10 +69,10 @@ def run(config: configs.ExperimentConfig, workdir: str, *,
   return results
 
 
-def main(fv, **overrides) -> None:
+def main(fv, **fixed) -> None:
   """The scripts' thin main: flags to config, ``run``, the report, the path."""
   from experiments.setup import cli  # pylint: disable=g-import-not-at-top
-  config = cli.experiment_config(fv, **overrides)
+  config = cli.experiment_config(fv, **fixed)
   results = run(config, fv.workdir, data_dir=fv.data_dir, show_progress=fv.progress)
   print(run_report.markdown(results))
   print(os.path.join(fv.workdir, "results.json"))

@@ -1,15 +1,29 @@
-"""Command-line flags, defined only by the entry modules' ``__main__``.
+"""Command-line flags, derived from the configs' dataclass fields.
+
+Every flag of a config field is made from that field: its type from the
+annotation, its help from the ``Attributes:`` section of the owning dataclass's
+docstring (the library's settings document their own fields), its choices from
+the library's tuples (``overrides.CHOICES``) or the registries (attacks, defences,
+methods), and its default from the config of the default scale
+(``scales.DEFAULT_SCALE``), so ``--helpfull`` shows what a run at the default scale
+uses; a flag whose value differs between scales says so in its help. The short
+names (``--fraction``, ``--tau``) and where each lands in the nested config are
+``overrides.FLAG_PATHS``.
+
+(ml_collections' ``config_flags.DEFINE_config_dataclass`` was tried for the
+``--config.x=`` overrides: version 1.1.0 fails on the ``int | None`` fields the
+configs and the library's settings use, ``TypeError: issubclass() arg 1 must be a
+class``, so the flags are derived here, from the same dataclass fields.)
 
 Shared modules define no flag at import time, so every experiment module can be
 imported in one process. An entry module calls ``define_*_flags(flags.FLAGS)``
 under ``if __name__ == "__main__":``; tests pass a fresh ``flags.FlagValues()``.
-Every default comes from ``experiments.setup.configs`` (and so from the library's
-settings dataclasses); a ``--scale`` preset fills the keys it has unless the flag
-is given (docs/protocol.md §2-§8).
 
 >>> from absl import flags
 >>> fv = flags.FlagValues()
 >>> define_experiment_flags(fv)
+>>> fv["epochs"].default, fv["max_iterations"].default   # --scale=cpu's
+(12, 300)
 >>> _ = fv(["prog", "--scale=smoke", "--fraction=0.5"])
 >>> config = experiment_config(fv)
 >>> config.samples.fraction, config.samples.max_samples, config.train.width
@@ -19,105 +33,100 @@ is given (docs/protocol.md §2-§8).
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import sys
+import types
+import typing
 from typing import Any
 
 from absl import flags
 
 from experiments.run import errors
 from experiments.setup import configs
+from experiments.setup import overrides
 from experiments.setup import scales
 from experiments.setup import validation
 
-_EXPERIMENT = configs.ExperimentConfig()
-
-_HELP = {
-    "unlearn_class": "Class A whose samples the user owns (default: the paper's, "
-                     "airplane / apple).",
-    "fraction": "Fraction of class A's training samples the user owns and asks to "
-                "unlearn (paper: 0.1 and 0.5).",
-    "max_samples": "Cap on the number of samples (preset if unset).",
-    "sample_rule": "released: push class-A samples until N = fraction x class A "
-                   "are pushed, submit those N (the authors' code); "
-                   "fraction_first: draw the fraction, drop the failures.",
-    "attack": "The attack (experiments/attacks/registry.py): zoo (the paper's, released "
-              "settings), zoo_directions, label_only, unlearning_gradient "
-              "(white-box upper bound), transfer, blending.",
-    "unlearning": "The server's unlearning method.",
-    "tau": "First-order unlearning rate (2e-4, the released code; Warnecke's "
-           "CIFAR value is 2e-5).",
-    "reduction": "First-order gradient reduction (sum, as the released code).",
-    "scope": "First-order parameter scope (head, as the released code).",
-    "reference_code": "The released code's first-order update: the noise term is "
-                      "dropped on full gradient batches (docs/protocol.md §5), the "
-                      "regime behind the paper's numbers (default). "
-                      "--noreference_code: Eq. 13 as written.",
-    "reference_batch_size": "With --reference_code: the gradient batch whose full "
-                            "batches lose the noise term (released 256).",
-    "finetune_epochs": "Fine-tune unlearning epochs.",
-    "finetune_learning_rate": "Fine-tune SGD rate.",
-    "target_class": "Targeted pushing towards this class (Tables V-VI); "
-                    "untargeted when unset.",
-    "max_iterations": "ZOO iterations (preset if unset).",
-    "iterations_per_chunk": "ZOO iterations per compiled call (preset if unset).",
-    "sample_chunk_size": "Samples pushed at once (memory).",
-    "pushing_i": "Pushing-I selection: last (paper) or largest_l2 (code).",
-    "pushing_ii": "Pushing-II selection: first_crossing (paper) or smallest_l2 "
-                  "(released code).",
-    "label_mode": "Submitted label of pushed samples (docs/protocol.md §9).",
-    "max_l2": "L2 bound on the pushing perturbation.",
-    "blend_class": "Class B blended in (default: the paper's, cat / orange).",
-    "blend_ratio": "Blending ratio r, the weight on the class-B image (Eq. 1's "
-                   "lambda = 1 - r).",
-    "blend_label_mode": "Submitted label of blended samples (paper: prediction).",
-    "blend_pool": "Split the user draws its own images from (never the server's "
-                  "training data).",
-    "defence": "The server's screen on every request (experiments/server/screens.py): "
-               "none, or a Sec. VII defence calibrated at 1% false rejection.",
-    "unlearn_seed": "Seed of the sample selection.",
-    "attack_seed": "Seed of the attack.",
-    "server_seed": "Seed of the server's unlearning noise.",
-}
-_ENUMS = {
-    "sample_rule": ("released", "fraction_first"),
-    "reduction": ("sum", "mean"), "scope": ("head", "all"),
-    "pushing_i": ("last", "largest_l2"),
-    "pushing_ii": ("first_crossing", "smallest_l2"),
-    "label_mode": ("original", "prediction", "target"),
-    "blend_label_mode": ("prediction", "original", "target"),
-    "blend_pool": ("valid", "test"),
-}
-_INTEGERS = ("max_samples", "max_iterations", "iterations_per_chunk",
-             "sample_chunk_size", "reference_batch_size", "finetune_epochs",
-             "unlearn_seed", "attack_seed", "server_seed")
-_FLOATS = ("fraction", "tau", "max_l2", "blend_ratio", "finetune_learning_rate")
+_KINDS = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
+          float: flags.DEFINE_float, str: flags.DEFINE_string}
 
 
-def _define(fv, name: str, default, help_text: str, **kwargs) -> None:
-  """One flag, its kind read from the default's type or the tables above."""
-  if name in _ENUMS:
-    flags.DEFINE_enum(name, default, list(_ENUMS[name]), help_text, flag_values=fv)
-  elif name in kwargs.get("choices", {}):
-    flags.DEFINE_enum(name, default, kwargs["choices"][name], help_text,
+def attribute_docs(cls) -> dict[str, str]:
+  """Each field's text in the ``Attributes:`` section of ``cls``'s docstring.
+
+  >>> attribute_docs(configs.TrainConfig)["patience"]
+  'epochs without a better validation loss before training stops.'
+  """
+  doc = inspect.getdoc(cls) or ""
+  found = re.search(r"^Attributes:\n((?:[ \t]+\S.*\n?|\n)*)", doc, re.M)
+  docs, names = {}, []
+  for line in (found.group(1) if found else "").splitlines():
+    entry = re.match(r"^  (\w+(?:, \w+)*): (.*)$", line)
+    if entry:
+      names = entry.group(1).split(", ")
+      for name in names:
+        docs[name] = entry.group(2)
+    elif line.strip():
+      for name in names:
+        docs[name] += " " + line.strip()
+  return docs
+
+
+def _owner(path: str) -> tuple[type, str]:
+  """The dataclass holding the field at ``path`` of ``ExperimentConfig``."""
+  head, _, field = path.rpartition(".")
+  parent = overrides.get(configs.ExperimentConfig(), head) if head else (
+      configs.ExperimentConfig())
+  return type(parent), field
+
+
+def _kind(owner: type, field: str) -> type:
+  """The field's type, ``X | None`` read as X."""
+  hint = typing.get_type_hints(owner)[field]
+  if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+    hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+  return hint
+
+
+def _tuple_of(hint) -> type | None:
+  """X of ``tuple[X, ...]``, else None."""
+  if typing.get_origin(hint) is tuple:
+    return typing.get_args(hint)[0]
+  return None
+
+
+def _scale_note(flag: str) -> str:
+  values = scales.differs(flag)
+  return (" Per --scale: " + ", ".join(f"{k} {v}" for k, v in values.items())
+          + "." if values else "")
+
+
+def _define(fv, flag: str, path: str, choices: dict) -> None:
+  owner, field = _owner(path)
+  text = attribute_docs(owner).get(field, field.replace("_", " ") + ".")
+  default = scales.value(scales.DEFAULT_SCALE, flag)
+  help_text = text + _scale_note(flag)
+  if flag in choices:
+    flags.DEFINE_enum(flag, default, list(choices[flag]), help_text,
                       flag_values=fv)
-  elif isinstance(default, bool):
-    flags.DEFINE_bool(name, default, help_text, flag_values=fv)
-  elif name in _INTEGERS:
-    flags.DEFINE_integer(name, default, help_text, flag_values=fv)
-  elif name in _FLOATS:
-    flags.DEFINE_float(name, default, help_text, flag_values=fv)
   else:
-    flags.DEFINE_string(name, default, help_text, flag_values=fv)
+    _KINDS[_kind(owner, field)](flag, default, help_text, flag_values=fv)
+
+
+def _registries() -> dict[str, tuple[str, ...]]:
+  """The flags that choose from a registry, and their choices now."""
+  # pylint: disable=g-import-not-at-top
+  from experiments.attacks import registry
+  from experiments.server import methods
+  from experiments.server import screens
+  return {"attack": tuple(registry.ATTACKS), "defence": screens.defence_choices(),
+          "unlearning": tuple(methods.METHODS)}
 
 
 def define_common_flags(fv, *, workdir: str = "./runs/default",
-                        scale: str = "cpu") -> None:
-  """Flags every experiment has: data, model, scale, training, workdir, seed."""
-  train = configs.TrainConfig()
-  flags.DEFINE_string("dataset", train.dataset, "cifar10, cifar100 or stl10.",
-                      flag_values=fv)
-  flags.DEFINE_string("model", train.model, "vgg3, vgg4, vgg5 or resnet.",
-                      flag_values=fv)
+                        scale: str = scales.DEFAULT_SCALE) -> None:
+  """Flags every experiment has: the training config's, scale, workdir, data."""
   flags.DEFINE_enum("scale", scale, list(scales.SCALES),
                     "Preset of sizes: smoke (seconds), cpu (minutes on a 2-core "
                     "CPU), paper (the paper's settings). Explicit flags override.",
@@ -126,56 +135,90 @@ def define_common_flags(fv, *, workdir: str = "./runs/default",
                       "figures (WORKSPACE.md).", flag_values=fv)
   flags.DEFINE_string("data_dir", None,
                       "TFDS data folder; defaults to $TFDS_DATA_DIR.", flag_values=fv)
-  flags.DEFINE_integer("seed", train.seed, "Seed of the split, the model init and "
-                       "training.", flag_values=fv)
-  for name in ("width", "max_train_per_class", "max_test_per_class", "epochs",
-               "patience"):
-    flags.DEFINE_integer(name, getattr(train, name), f"{name} (preset if unset).",
-                         flag_values=fv)
-  flags.DEFINE_integer("batch_size", train.batch_size, "Training batch size (App. "
-                       "B: 64).", flag_values=fv)
-  flags.DEFINE_float("learning_rate", train.learning_rate, "Adam-AMSGrad learning "
-                     "rate; default per dataset (1e-3, CIFAR-100 1e-4).",
-                     flag_values=fv)
+  for name in overrides.TRAIN_FLAGS:
+    _define(fv, name, f"train.{name}", {})
   flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=fv)
   flags.DEFINE_bool("debug", False, "Show the full traceback of a user error "
                     "instead of its one-line message.", flag_values=fv)
 
 
+def define_config_flags(fv, names) -> None:
+  """The ``overrides.FLAG_PATHS`` flags ``names``."""
+  choices = {**overrides.CHOICES, **_registries()}
+  for name in names:
+    _define(fv, name, overrides.FLAG_PATHS[name][0], choices)
+
+
+def define_dataclass_flags(fv, default, *, choices: dict | None = None) -> None:
+  """One flag per field of the dataclass instance ``default``, named as the field:
+  its type from the annotation (a tuple is a comma-separated list), its help from
+  the class's ``Attributes:`` docstring, its default from ``default``."""
+  owner, docs, choices = type(default), attribute_docs(type(default)), choices or {}
+  for field in dataclasses.fields(owner):
+    value, text = getattr(default, field.name), docs.get(field.name, field.name)
+    kind = _kind(owner, field.name)
+    if field.name in choices:
+      flags.DEFINE_enum(field.name, value, list(choices[field.name]), text,
+                        flag_values=fv)
+    elif _tuple_of(kind) is not None:
+      flags.DEFINE_list(field.name, [f"{v:g}" if isinstance(v, float) else str(v)
+                                     for v in value], text, flag_values=fv)
+    else:
+      _KINDS[kind](field.name, value, text, flag_values=fv)
+
+
+def dataclass_from_flags(fv, cls):
+  """The flags ``define_dataclass_flags`` made, as a ``cls``; a bad value's error
+  names its flag."""
+  values = {}
+  for field in dataclasses.fields(cls):
+    value, item = fv[field.name].value, _tuple_of(_kind(cls, field.name))
+    if item is not None:
+      try:
+        value = tuple(item(v) for v in value)
+      except ValueError:
+        raise errors.UserError(
+            f"--{field.name}={','.join(value)}: give a comma-separated list of "
+            f"{item.__name__} values.") from None
+    values[field.name] = value
+  return validation.built(cls(), values)
+
+
 def define_experiment_flags(fv, *, workdir: str = "./runs/cifar10") -> None:
-  """The common flags and every ``configs.FLAG_PATHS`` flag (pushing, blending)."""
-  from experiments.attacks import registry  # pylint: disable=g-import-not-at-top
-  from experiments.server import screens  # pylint: disable=g-import-not-at-top
-  from ounl_jax import unlearning  # pylint: disable=g-import-not-at-top
+  """The common flags and every ``overrides.FLAG_PATHS`` flag (pushing, blending)."""
   define_common_flags(fv, workdir=workdir)
-  choices = {"attack": list(registry.ATTACKS), "defence": list(screens.DEFENCES),
-             "unlearning": list(unlearning.METHODS)}
-  for name in configs.FLAG_PATHS:
-    _define(fv, name, configs.flag_default(name), _HELP[name], choices=choices)
+  define_config_flags(fv, overrides.FLAG_PATHS)
 
 
-def from_preset(fv, name: str) -> Any:
-  """The flag's value if given on the command line, else the scale preset's."""
-  preset = scales.get_scale(fv.scale)
-  if fv[name].present or name not in preset:
+def from_scale(fv, name: str) -> Any:
+  """The flag's value if given on the command line, else its scale's."""
+  if fv[name].present:
     return fv[name].value
-  return preset[name]
+  return scales.value(fv.scale, name)
 
 
 def train_config(fv) -> configs.TrainConfig:
-  return configs.TrainConfig(**{f.name: from_preset(fv, f.name)
-                                for f in dataclasses.fields(configs.TrainConfig)})
+  values = {name: from_scale(fv, name) for name in overrides.TRAIN_FLAGS}
+  return validation.built(configs.TrainConfig(), values)
 
 
-def experiment_config(fv, **overrides) -> configs.ExperimentConfig:
-  """The flags as an ``ExperimentConfig``; ``overrides`` (flag names) win."""
-  values = {name: from_preset(fv, name) for name in configs.FLAG_PATHS}
-  values.update(overrides)
+def experiment_config(fv, **fixed) -> configs.ExperimentConfig:
+  """The flags as an ``ExperimentConfig``; ``fixed`` values (by flag name) win.
+
+  Each value is set through the library's settings, whose own checks refuse a bad
+  one: the error names the flag (``validation.built``).
+  """
   train = train_config(fv)
-  # Checked by flag name first: one line naming the flag, before any work.
-  validation.check_attack(validation.check_train(train), values)
+  values = {name: from_scale(fv, name) for name in overrides.FLAG_PATHS
+            if name in fv}
+  values.update(fixed)
   config = dataclasses.replace(configs.ExperimentConfig(), train=train)
-  return configs.override(config, **values)
+  config = validation.built(config, values)
+  validation.check_experiment(config)
+  validation.check_method_flags(
+      [name for name in overrides.FLAG_PATHS if name in fv and fv[name].present],
+      config)
+  return config
 
 
 def run_main(main, fv=flags.FLAGS) -> None:

@@ -1,37 +1,51 @@
-"""Every flag checked before any data is read or any model trained.
+"""Every setting checked before any data is read or any model trained.
 
-Each check raises ``errors.UserError`` with one line that names the flag, the value
-and the fix; ``cli.run_main`` prints it and exits with status 2 (``--debug`` shows
-the traceback instead).
+The ranges of every setting are checked by the dataclasses that hold them (the
+library's settings and the configs, in ``__post_init__``): ``built`` sets each
+flag's value through them and turns their error into one line naming the flag.
+What no single dataclass can know is checked here: dataset, model and class
+names, the registered attacks, defences and methods, and combinations.
+
+Each check raises ``errors.UserError`` with one line that names the flag, the
+value and the fix; ``cli.run_main`` prints it and exits with status 2
+(``--debug`` shows the traceback instead).
+
+>>> built(configs.ExperimentConfig(), {"tau": -1.0})
+Traceback (most recent call last):
+...
+experiments.run.errors.UserError: --tau=-1.0: tau must be > 0, got -1.0 (a negative tau reverses the update, teaching the samples instead of unlearning them).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 import tempfile
 
-from experiments.attacks import registry
 from experiments.run import errors
 from experiments.setup import configs
-from experiments.attacks.pushing import sample_rules
-from experiments.server import screens
+from experiments.setup import overrides
 from ounl_jax import data as data_lib
 from ounl_jax import models
-from ounl_jax import unlearning
 
 
 def _fail(flag: str, value, fix: str):
   raise errors.UserError(f"--{flag}={value}: {fix}")
 
 
-def _positive(flag: str, value, *, integer: bool = True, allow_none: bool = True):
-  if value is None and allow_none:
-    return
-  if value is None or not math.isfinite(value) or value <= 0 or (
-      integer and int(value) != value):
-    kind = "a positive integer" if integer else "a positive finite number"
-    _fail(flag, value, f"must be {kind}.")
+def built(config, values: dict):
+  """``config`` (an ``ExperimentConfig``, or any flat config dataclass whose
+  flags are its field names) with each flag's value set through the dataclasses'
+  own checks; their error names the flag."""
+  for flag, value in values.items():
+    try:
+      if isinstance(config, configs.ExperimentConfig):
+        config = overrides.override(config, **{flag: value})
+      else:
+        config = dataclasses.replace(config, **{flag: value})
+    except (TypeError, ValueError) as error:
+      raise errors.UserError(f"--{flag}={value}: {error}") from None
+  return config
 
 
 def check_class(flag: str, value, spec: data_lib.DatasetSpec) -> int:
@@ -47,54 +61,51 @@ def _known(flag: str, value, check):
 
 
 def check_train(config: configs.TrainConfig) -> data_lib.DatasetSpec:
-  """The training flags: names and ranges. Returns the dataset's spec."""
+  """The dataset and model names. Returns the dataset's spec."""
   spec = _known("dataset", config.dataset, data_lib.get_spec)
   _known("model", config.model, models.check_model_name)
-  for flag in ("width", "epochs", "patience", "batch_size", "max_train_per_class",
-               "max_test_per_class"):
-    _positive(flag, getattr(config, flag))
-  _positive("learning_rate", config.learning_rate, integer=False)
   return spec
 
 
-def check_attack(spec: data_lib.DatasetSpec, config) -> None:
-  """The attack, server and defence flags: names, ranges and combinations.
+def _registered() -> tuple:
+  """(flag, value of the config, registered names) of each registry."""
+  # pylint: disable=g-import-not-at-top
+  from experiments.attacks import registry
+  from experiments.server import methods
+  from experiments.server import screens
+  return (("attack", lambda c: c.attack.name, tuple(registry.ATTACKS)),
+          ("defence", lambda c: c.server.defence, screens.defence_choices()),
+          ("unlearning", lambda c: c.server.method, tuple(methods.METHODS)))
 
-  ``config``: an ``ExperimentConfig``, or the flags' values by flag name (checked
-  before the library's settings are built from them).
-  """
-  value = (config.get if isinstance(config, dict) else
-           lambda flag: configs.get(config, configs.FLAG_PATHS[flag][0]))
-  class_a = _known("unlearn_class", value("unlearn_class") or spec.class_a,
-                   lambda v: data_lib.class_index(spec, v))
-  fraction = value("fraction")
-  if not (math.isfinite(fraction) and 0 < fraction <= 1):
-    _fail("fraction", fraction, "must be in (0, 1] (the paper uses 0.1 and 0.5).")
-  for flag, known in (("sample_rule", sample_rules.SAMPLE_RULES),
-                      ("attack", tuple(registry.ATTACKS)),
-                      ("defence", tuple(screens.DEFENCES)),
-                      ("unlearning", tuple(unlearning.METHODS))):
-    if value(flag) not in known:
-      _fail(flag, value(flag), f"choose one of {', '.join(known)}.")
-  for flag in ("max_samples", "max_iterations", "iterations_per_chunk",
-               "sample_chunk_size", "reference_batch_size", "finetune_epochs"):
-    _positive(flag, value(flag))
-  for flag in ("tau", "max_l2", "finetune_learning_rate"):
-    _positive(flag, value(flag), integer=False)
-  ratio = value("blend_ratio")
-  if not (math.isfinite(ratio) and 0 < ratio <= 1):
-    _fail("blend_ratio", ratio, "must be in (0, 1] (the weight on the class-B "
-          "image; the paper uses 0.3 and 0.5).")
-  for flag in ("target_class", "blend_class"):
-    name = value(flag)
-    if flag == "blend_class" and name is None:
-      name = spec.class_b
-    if name is None:
-      continue
-    if _known(flag, name, lambda v: data_lib.class_index(spec, v)) == class_a:
+
+def check_attack(spec: data_lib.DatasetSpec,
+                 config: configs.ExperimentConfig) -> None:
+  """Class names, the registered names, and the classes' combinations."""
+  class_a = check_class("unlearn_class",
+                        config.samples.unlearn_class or spec.class_a, spec)
+  for flag, value_of, known in _registered():
+    if value_of(config) not in known:
+      _fail(flag, value_of(config), f"choose one of {', '.join(known)}.")
+  for flag, name, paper in (
+      ("target_class", config.attack.target_class, spec.target_class),
+      ("blend_class", config.attack.blend_class or spec.class_b, spec.class_b)):
+    if name is not None and check_class(flag, name, spec) == class_a:
       _fail(flag, name, f"must differ from the unlearned class "
             f"{spec.class_names[class_a]} (--unlearn_class); the paper uses "
-            f"{spec.target_class if flag == 'target_class' else spec.class_b}.")
+            f"{paper}.")
+
+
+def check_method_flags(given, config: configs.ExperimentConfig) -> None:
+  """A flag given for the settings of another unlearning method is a mistake."""
+  method = config.server.method
+  for flag in given:
+    owners = {path.split(".")[1] for path in overrides.FLAG_PATHS.get(flag, ())
+              if path.startswith("server.") and path.count(".") == 2}
+    owners &= set(configs.METHOD_FIELDS)
+    if owners and method not in owners:
+      raise errors.UserError(
+          f"--{flag} does not apply to --unlearning={method} (it sets "
+          f"{' and '.join(sorted(owners))}); leave it out or choose that method.")
 
 
 def check_experiment(config: configs.ExperimentConfig) -> data_lib.DatasetSpec:

@@ -1,6 +1,6 @@
 """The pushing attacks (Sec. III-C, V-B): a push under a sample rule, its submissions.
 
-Whatever pusher ``config.attack.name`` names (``experiments/attacks/pushing/pushers.py``), the user
+Whatever pusher the attack's spec holds (``experiments/attacks/registry.py``), the user
 pushes class-A samples under the sample rule (``experiments/attacks/pushing/sample_rules.py``) through
 the oracle only, and submits Pushing-I and Pushing-II of the same training ids as
 ``normal`` (paired conditions, docs/protocol.md §4, §9).
@@ -17,8 +17,11 @@ import numpy as np
 from experiments.run import errors
 from experiments.setup import configs
 from experiments.run import pipeline
+from experiments.attacks.pushing import artefact
 from experiments.attacks.pushing import cache
 from experiments.attacks.pushing import pushers
+from experiments.attacks.pushing import blocks
+from experiments.attacks.pushing import released_rule
 from experiments.attacks.pushing import sample_rules
 from ounl_jax import data as data_lib
 from ounl_jax import devices
@@ -60,7 +63,7 @@ def push_fingerprint(ctx: pipeline.Context, config: configs.ExperimentConfig,
   # The paper's attacker keeps the fingerprint pushes had before --attack existed.
   attacker = {} if config.attack.name == "zoo" else {"attack": config.attack.name}
   # Released-rule blocks do not depend on N; a fraction_first push does.
-  size = ({"block_size": sample_rules.block_size(samples.max_samples)}
+  size = ({"block_size": blocks.block_size(samples.max_samples)}
           if samples.rule == "released" else
           {"fraction": samples.fraction, "max_samples": samples.max_samples})
   return cache.fingerprint({**attacker,
@@ -73,16 +76,16 @@ def push_fingerprint(ctx: pipeline.Context, config: configs.ExperimentConfig,
 
 
 def push_for(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: str,
-             *, show_progress: bool = True) -> dict:
+             attack_spec, *, show_progress: bool = True) -> dict:
   """The user's push under ``config.samples.rule`` (reused when saved)."""
   class_a = pipeline.class_a_of(ctx.spec, config)
   settings = push_settings(config, ctx.spec)
   samples = config.samples
   pool = getattr(ctx.splits, samples.pool)
-  pusher = pushers.make(config.attack.name, settings, pushers.start_images(
+  pusher = attack_spec.pusher(settings, pushers.start_images(
       pool.images, pool.labels, class_a, settings.target_class))
   oracle = lambda: pipeline.new_server(
-      ctx, config, output=pusher.oracle_output).oracle()
+      ctx, config, output=attack_spec.oracle_output).oracle()
   key = jax.random.key(config.attack.seed)
   if samples.rule == "released":
     candidates = sample_rules.candidate_order(ctx.splits.train, class_a, samples.seed)
@@ -90,10 +93,10 @@ def push_for(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: s
                                        samples.max_samples)
     store = cache.block_cache(workdir,
                                    push_fingerprint(ctx, config, candidates))
-    return cache.latest(workdir, sample_rules.push_released(
+    return cache.latest(workdir, released_rule.push_released(
         oracle(), candidates, requested, key, pusher,
         target_class=settings.target_class,
-        size=sample_rules.block_size(samples.max_samples), store=store,
+        size=blocks.block_size(samples.max_samples), store=store,
         show_progress=show_progress))
   candidates = pipeline.user_samples(ctx, config)
   run = lambda: sample_rules.push_fraction_first(oracle(), candidates, key, pusher,
@@ -138,21 +141,14 @@ def throughput(ctx: pipeline.Context, settings: pushing_lib.PushSettings,
           "devices": len(jax.devices()), "forward_batch": int(batch.shape[0])}
 
 
-def submissions_of(pushed: dict, rows: np.ndarray) -> dict:
-  """Normal, Pushing-I and Pushing-II of the same rows (paired conditions)."""
-  return {name: (pushed[images][rows], pushed[f"{images}_labels"][rows])
-          for name, images in (("normal", "original"), ("pushing_i", "pushing_i"),
-                               ("pushing_ii", "pushing_ii"))}
-
-
 def pushing(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: str,
-            *, show_progress: bool = True) -> pipeline.Submissions:
+            attack_spec, *, show_progress: bool = True) -> pipeline.Submissions:
   """Clean, normal, Pushing-I and Pushing-II on the same training ids (Sec. V-B)."""
-  pushed = push_for(ctx, config, workdir, show_progress=show_progress)
+  pushed = push_for(ctx, config, workdir, attack_spec, show_progress=show_progress)
   # Paired: the same ids are submitted in every condition, so the conditions
   # differ only in what the user did to the images.
   requested = int(pushed["requested"])
-  rows = sample_rules.submitted_rows(pushed, requested)
+  rows = artefact.submitted_rows(pushed, requested)
   if not len(rows):
     raise errors.UserError(
         "No sample was pushed by both Pushing-I and Pushing-II, so nothing can be "
@@ -166,5 +162,6 @@ def pushing(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: st
             "throughput": throughput(ctx, push_settings(config, ctx.spec), pushed)
             if config.attack.name == "zoo" else None}
   return pipeline.Submissions(
-      "pushing", submissions_of(pushed, rows), sample_rules.statistics(pushed), fields,
+      "pushing", artefact.submissions(pushed, rows), artefact.statistics(pushed),
+      fields,
       extra, requested, len(rows), pushed["ids"], float(pushed["seconds"]))

@@ -54,7 +54,7 @@ def load(path: str, key: str) -> dict | None:
 
 
 class BlockCache:
-  """The released rule's block store on disk (``sample_rules.MemoryStore``'s methods):
+  """The released rule's block store on disk (``blocks.MemoryStore``'s methods):
   ``attack/blocks-<key>/block-<b>.npz``, each holding a block's first rows."""
 
   def __init__(self, workdir: str, key: str):
@@ -72,7 +72,7 @@ class BlockCache:
 
 
 def block_cache(workdir: str, key: str) -> BlockCache:
-  """A ``store`` for ``sample_rules.push_released``, shared by every run in ``workdir``."""
+  """A ``store`` for ``released_rule.push_released``, shared by every run in ``workdir``."""
   return BlockCache(workdir, key)
 
 

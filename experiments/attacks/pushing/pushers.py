@@ -7,8 +7,8 @@ sample rule, the push cache, the conditions and the reports are shared:
 * ``zoo_directions``: ZOO with the query-efficient random-direction estimator.
 * ``label_only``: decision-based pushing on the oracle's labels (HopSkipJump-style).
 
-Adding a pusher is one function here, one line in ``PUSHERS`` and one line in
-``registry.ATTACKS``.
+A pusher is a factory ``(settings, start_images) -> Pusher``, registered with
+``registry.register_attack(registry.AttackSpec(name, display_name, pusher=...))``.
 """
 
 from __future__ import annotations
@@ -23,37 +23,40 @@ from ounl_jax.attacks import pushing as pushing_lib
 from ounl_jax.attacks import zoo
 
 
-class Attacker(NamedTuple):
+class Pusher(NamedTuple):
   """``push(oracle, images, labels, key, oracle_state, on_chunk) -> PushResult``.
 
   ``per_sample_keys``: ``key`` may be (N,) keys, sample i drawing from ``key[i]``
-  alone (then ``sample_rules.push_released`` pushes in one stream); else one key.
+  alone (then ``released_rule.push_released`` pushes in one stream); else one key.
   """
 
-  oracle_output: str
   push: Callable[..., pushing_lib.PushResult]
   per_sample_keys: bool = False
 
 
-def _zoo(settings: pushing_lib.PushSettings, start_images) -> Attacker:
+def zoo_pusher(settings: pushing_lib.PushSettings, start_images) -> Pusher:
+  """The paper's coordinate ZOO-ADAM (Sec. III-C), one key per sample."""
   del start_images
 
   def push(oracle, images, labels, key, oracle_state, on_chunk):
     return pushing_lib.push(oracle, images, labels, key, settings,
                             oracle_state=oracle_state, on_chunk=on_chunk)
-  return Attacker("probabilities", push, per_sample_keys=True)
+  return Pusher(push, per_sample_keys=True)
 
 
-def _zoo_directions(settings: pushing_lib.PushSettings, start_images) -> Attacker:
+def zoo_directions_pusher(settings: pushing_lib.PushSettings, start_images
+                          ) -> Pusher:
+  """ZOO with the query-efficient random-direction estimator."""
   released = settings.zoo
   efficient = zoo.query_efficient_settings(
       max_iterations=released.max_iterations,
       iterations_per_chunk=released.iterations_per_chunk,
       sample_chunk_size=released.sample_chunk_size)
-  return _zoo(dataclasses.replace(settings, zoo=efficient), start_images)
+  return zoo_pusher(dataclasses.replace(settings, zoo=efficient), start_images)
 
 
-def _label_only(settings: pushing_lib.PushSettings, start_images) -> Attacker:
+def label_only_pusher(settings: pushing_lib.PushSettings, start_images) -> Pusher:
+  """Decision-based pushing on the oracle's labels (HopSkipJump-style)."""
   # About 400 queries per sample: 12x below ZOO at 92% of its class-A gap on the
   # cpu-scale model (docs/results.md, attackers).
   walk = label_only.query_efficient_settings(
@@ -66,11 +69,7 @@ def _label_only(settings: pushing_lib.PushSettings, start_images) -> Attacker:
     return label_only.label_only_push(oracle, images, labels, key, walk,
                                       start_images=start_images,
                                       oracle_state=oracle_state)
-  return Attacker("labels", push)
-
-
-PUSHERS = {"zoo": _zoo, "zoo_directions": _zoo_directions,
-           "label_only": _label_only}
+  return Pusher(push)
 
 
 def start_images(pool_images, pool_labels, class_a: int, target: int | None,
@@ -78,8 +77,3 @@ def start_images(pool_images, pool_labels, class_a: int, target: int | None,
   """Images the user holds of another class (of the target, when targeted)."""
   keep = pool_labels == target if target is not None else pool_labels != class_a
   return np.asarray(pool_images[np.flatnonzero(keep)[:count]])
-
-
-def make(name: str, settings: pushing_lib.PushSettings, start: np.ndarray
-         ) -> Attacker:
-  return PUSHERS[name](settings, start)

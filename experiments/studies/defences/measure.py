@@ -15,56 +15,63 @@ from typing import Any
 import numpy as np
 
 from experiments.attacks import blending
+from experiments.attacks import registry
 from experiments.run import errors
 from experiments.setup import configs
 from experiments.run import pipeline
 from experiments.attacks.pushing import attack
-from experiments.attacks.pushing import sample_rules
+from experiments.attacks.pushing import artefact
 from experiments.server import screens
 from ounl_jax import data as data_lib
 from ounl_jax import service as service_lib
 from ounl_jax.defences import hashing
-from ounl_jax.defences import membership
 from ounl_jax.defences import screening
 from ounl_jax.defences import utility
 
 
+CALIBRATE_ON = ("jpeg", "as_sent")
+
+
 @dataclasses.dataclass(frozen=True)
 class DefenceConfig:
-  """The settings of this experiment beyond the model and the attacks."""
+  """The defences study's settings beyond the model, the attacks and the server
+  (whose ``false_rejection_rate`` and ``defence_seed`` it uses).
 
-  false_rejection_rate: float = 0.01
-  honest_samples: int = 2000        # Per half (calibration, evaluation); capped.
-  guard_requests: int = 10          # Honest requests per half for the guard.
+  Attributes:
+    honest_samples: honest samples per half (calibration, evaluation); capped.
+    guard_requests: honest requests per half for the utility guard.
+    jpeg_quality: JPEG quality of the re-encoded honest samples.
+    calibrate_on: honest samples the thresholds are set on: jpeg (re-encoded at
+      jpeg_quality: the threshold must hold for honest uploads re-encoded on the
+      way, the paper's objection to hashing) or as_sent (bit-exact copies).
+    pushed: a pushed.npz to use (None: the push matching the flags in
+      WORKDIR/attack, made if missing).
+    adaptive_kappas: margins the adaptive (margin-evading) pushes keep
+      (experiments/attacks/adaptive.py).
+    mix_fractions: Pushing-II shares of the adaptive mixed requests.
+  """
+
+  honest_samples: int = 2000
+  guard_requests: int = 10
   jpeg_quality: int = 75
-  # Honest samples the thresholds are set on: "jpeg" (re-encoded at jpeg_quality:
-  # the threshold must hold for honest uploads that were re-encoded on the way,
-  # the paper's objection to hashing) or "as_sent" (bit-exact copies).
   calibrate_on: str = "jpeg"
-  seed: int = 0
-  pushed: str | None = None         # A pushed.npz to use instead of pushing.
-  # Adaptive users (experiments/attacks/adaptive.py): margins the evading pushes
-  # keep, and the Pushing-II share of the mixed requests.
+  pushed: str | None = None
   adaptive_kappas: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
   mix_fractions: tuple[float, ...] = (0.25, 0.5)
 
   def __post_init__(self):
-    if not all(0 < k < 1 for k in self.adaptive_kappas) or not all(
-        0 < p <= 1 for p in self.mix_fractions):
-      raise errors.UserError(
-          f"--adaptive_kappas={list(self.adaptive_kappas)} must lie in (0, 1) and "
-          f"--mix_fractions={list(self.mix_fractions)} in (0, 1].")
+    if not all(0 < k < 1 for k in self.adaptive_kappas):
+      raise ValueError(f"adaptive_kappas must lie in (0, 1), got "
+                       f"{list(self.adaptive_kappas)}.")
+    if not all(0 < p <= 1 for p in self.mix_fractions):
+      raise ValueError(f"mix_fractions must lie in (0, 1], got "
+                       f"{list(self.mix_fractions)}.")
+    if self.calibrate_on not in CALIBRATE_ON:
+      raise ValueError(f"calibrate_on must be one of {CALIBRATE_ON}, got "
+                       f"{self.calibrate_on!r}.")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
-
-
-def submitted_rows(pushed: dict) -> np.ndarray:
-  """The rows the pushing experiment submits (``sample_rules.submitted_rows``)."""
-  if "pushing_i_success" not in pushed:  # No candidate could be pushed at all.
-    return np.zeros(0, np.int64)
-  requested = int(pushed.get("requested", len(pushed["pushing_i_success"])))
-  return sample_rules.submitted_rows(pushed, requested)
 
 
 def attack_sets(ctx: pipeline.Context, config: configs.ExperimentConfig,
@@ -79,25 +86,22 @@ def attack_sets(ctx: pipeline.Context, config: configs.ExperimentConfig,
     source = os.path.abspath(pushed_path)
   else:
     pushed = attack.push_for(ctx, config, workdir,
-                                  show_progress=show_progress)
+                             registry.get(config.attack.name),
+                             show_progress=show_progress)
     source = "WORKDIR/attack (push matching the flags)"
-  rows = submitted_rows(pushed)
+  rows = artefact.submitted_rows(pushed)
   empty = (np.zeros((0,) + tuple(ctx.spec.image_shape), np.float32),
            np.zeros(0, np.int32))
-  sets = {name: ((pushed[name][rows].astype(np.float32),
-                  pushed[f"{name}_labels"][rows].astype(np.int32))
-                 if len(rows) else empty)
-          for name in ("pushing_i", "pushing_ii")}
+  paired = (artefact.submissions(pushed, rows) if len(rows) else
+            dict.fromkeys(("normal", "pushing_i", "pushing_ii"), empty))
   samples = pipeline.user_samples(ctx, config)
   class_b = blending.class_b_of(ctx.spec, config)
   blended = blending.blend(ctx, config, samples)
-  normal = ((pushed["original"][rows].astype(np.float32),
-             pushed["original_labels"][rows].astype(np.int32))
-            if len(rows) else empty)
-  sets = {"normal": normal, "blending": (np.asarray(blended.images, np.float32),
-                                         np.asarray(blended.labels, np.int32)),
-          **sets}
-  user_ids = np.union1d(samples.ids, pushed.get("ids", np.zeros(0, np.int64)))
+  sets = {"normal": paired["normal"],
+          "blending": (np.asarray(blended.images, np.float32),
+                       np.asarray(blended.labels, np.int32)),
+          "pushing_i": paired["pushing_i"], "pushing_ii": paired["pushing_ii"]}
+  user_ids = np.union1d(samples.ids, artefact.ids(pushed))
   notes = {"pushed_source": source, "pushed_reused": bool(pushed["reused"]),
            "pushed_fingerprint": (str(pushed["fingerprint"])
                                   if "fingerprint" in pushed else None),
@@ -107,16 +111,11 @@ def attack_sets(ctx: pipeline.Context, config: configs.ExperimentConfig,
   return sets, user_ids, notes, (pushed, rows)
 
 
-def fit_sample_defences(ctx: pipeline.Context, calibration, rate: float):
-  """Each per-sample defence's score function (``experiments/server/screens.py``)."""
-  check = screens.fit_membership(ctx, calibration, rate)
-  scorers = {name: screens.DEFENCES[name](ctx, calibration, rate)
-             for name in ("exact_hash", "perceptual_hash", "margin")}
-  scorers["membership"] = lambda x, y: membership.score(check, x, y)
-  membership_fit = {"auc_members_vs_validation": check.auc,
-                    "validation_flagged": check.nonmember_detection_rate,
-                    "members_flagged": check.member_rejection_rate}
-  return scorers, membership_fit
+def fit_sample_defences(ctx: pipeline.Context, calibration,
+                        rate: float) -> dict[str, screens.Scorer]:
+  """Every registered per-sample defence, fitted (``experiments/server/screens.py``)."""
+  return {name: spec.scorer(ctx, calibration, rate)
+          for name, spec in screens.DEFENCES.items()}
 
 
 def request_refusal_rate(flags_per_sample: np.ndarray, size: int, requests: int,
@@ -133,13 +132,18 @@ def request_refusal_rate(flags_per_sample: np.ndarray, size: int, requests: int,
 
 
 def sample_defence_results(scorers, calibration, evaluation, evaluation_jpeg,
-                           attacks: dict, settings: DefenceConfig) -> dict:
-  rate = settings.false_rejection_rate
+                           attacks: dict, settings: DefenceConfig,
+                           server: configs.ServerConfig) -> dict:
+  """Each defence's threshold (at the server's false-rejection rate), its false
+  rejections of honest samples as sent and re-encoded, and per attack its
+  detection rate, ROC AUC and honest-request refusals."""
+  rate = server.false_rejection_rate
   calibration_images = (screens.jpeg_reencode(calibration.images,
                                               settings.jpeg_quality)
                         if settings.calibrate_on == "jpeg" else calibration.images)
   results = {}
-  for name, score in scorers.items():
+  for name, scorer in scorers.items():
+    score = scorer.score
     honest_cal = score(calibration_images, calibration.labels)
     honest = score(evaluation.images, evaluation.labels)
     honest_jpeg = score(evaluation_jpeg, evaluation.labels)
@@ -163,11 +167,13 @@ def sample_defence_results(scorers, calibration, evaluation, evaluation_jpeg,
           "auc": screening.roc_auc(honest, scores),
           "honest_request_refusal": request_refusal_rate(
               screening.flagged(honest, threshold), len(labels), 200,
-              settings.seed),
+              server.defence_seed),
           "honest_request_refusal_jpeg": request_refusal_rate(
               screening.flagged(honest_jpeg, threshold), len(labels), 200,
-              settings.seed),
+              server.defence_seed),
           "scores": scores}
+    if scorer.details:
+      entry["fit"] = scorer.details
     results[name] = entry
   return results
 
@@ -207,16 +213,15 @@ def utility_guard_results(ctx, config, calibration, evaluation, attacks: dict,
   k = ctx.spec.num_classes
   cal = [guard_drops(ctx, config, open_guard, r.images, r.labels)
          for r in honest_requests(calibration, size, settings.guard_requests, k,
-                                  settings.seed)]
+                                  config.server.defence_seed)]
+  rate = config.server.false_rejection_rate
   bounds = utility.UtilitySettings(
-      max_overall_drop=screening.calibrate([c[0] for c in cal],
-                                           settings.false_rejection_rate),
-      max_class_drop=screening.calibrate([c[1] for c in cal],
-                                         settings.false_rejection_rate))
+      max_overall_drop=screening.calibrate([c[0] for c in cal], rate),
+      max_class_drop=screening.calibrate([c[1] for c in cal], rate))
   guard = open_guard._replace(settings=bounds)
   honest = [guard_drops(ctx, config, guard, r.images, r.labels)
             for r in honest_requests(evaluation, size, settings.guard_requests, k,
-                                     settings.seed + 1)]
+                                     config.server.defence_seed + 1)]
   honest_worst = [h[1] for h in honest]
   result = {"holdout": "valid split", "request_size": size,
             "bounds": dataclasses.asdict(bounds),

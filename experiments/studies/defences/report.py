@@ -5,16 +5,29 @@ from __future__ import annotations
 import numpy as np
 
 from experiments.attacks import adaptive
+from experiments.server import screens
 from ounl_jax.defences import screening
 from experiments.reports import figures
 
 
 ATTACKS = {"blending": "Blending", "pushing_i": "Pushing-I",
            "pushing_ii": "Pushing-II"}
-SAMPLE_DEFENCES = {"exact_hash": "Hash registry (exact sha256)",
-                   "perceptual_hash": "Hash registry (perceptual pHash)",
-                   "margin": "Boundary margin",
-                   "membership": "Membership (loss)"}
+
+
+def defence_names(results: dict) -> dict[str, str]:
+  """Every measured defence, by its registered display name (the key when it is
+  no longer registered)."""
+  return {name: getattr(screens.DEFENCES.get(name), "display_name", name)
+          for name in results["sample_defences"]}
+
+
+def _fit_lines(results: dict) -> list[str]:
+  """What each defence's fit found (e.g. the membership threshold's AUC)."""
+  names = defence_names(results)
+  return [f"{names[name]} fit on this model: " + ", ".join(
+      f"{key.replace('_', ' ')} {_fmt(value)}" for key, value in entry["fit"].items())
+          + "." for name, entry in results["sample_defences"].items()
+          if entry.get("fit")]
 
 
 def _fmt(value, digits=3):
@@ -24,7 +37,7 @@ def _fmt(value, digits=3):
 
 
 def markdown(results: dict) -> str:
-  rate = results["config"]["defence"]["false_rejection_rate"]
+  rate = results["config"]["server"]["false_rejection_rate"]
   lines = [
       "# Defences against over-unlearning (paper Sec. VII)", "",
       f"{results['data_note']}; model `{results['model']}`; attacks on "
@@ -39,8 +52,8 @@ def markdown(results: dict) -> str:
       "False rejection (JPEG) | Honest request refusal | "
       "Honest request refusal (JPEG) |",
       "|---|---|---|---|---|---|---|---|"]
-  attacks = list(results["sample_defences"]["margin"]["attacks"])
-  for name, label in SAMPLE_DEFENCES.items():
+  attacks = list(next(iter(results["sample_defences"].values()))["attacks"])
+  for name, label in defence_names(results).items():
     entry = results["sample_defences"][name]
     for attack in attacks:
       a, attack_label = entry["attacks"][attack], adaptive.label(attack)
@@ -58,7 +71,6 @@ def markdown(results: dict) -> str:
                  f"{_fmt(guard['false_rejection'])} | n/a | "
                  f"{_fmt(guard['false_rejection'])} | n/a |")
   b = guard["bounds"]
-  m = results["membership_fit"]
   lines += [
       "", "Honest request refusal: fraction of 200 seeded honest requests of the "
       "attack's size with at least one flagged sample (refused whole, the "
@@ -69,10 +81,7 @@ def markdown(results: dict) -> str:
       "on the validation split); its detection rate is whether the one attack "
       "request was refused, its false rejection the fraction of "
       f"{results['config']['defence']['guard_requests']} other honest requests "
-      "refused.",
-      f"Membership threshold on this model: AUC members vs validation "
-      f"{_fmt(m['auc_members_vs_validation'])}, validation samples flagged "
-      f"{_fmt(m['validation_flagged'])}.", ""]
+      "refused.", *_fit_lines(results), ""]
   return "\n".join(lines + after_screening_lines(results, attacks))
 
 
@@ -81,20 +90,20 @@ def after_screening_lines(results: dict, attacks: list) -> list[str]:
   passed = results.get("after_screening")
   if not passed:
     return []
-  screens = ["none", *SAMPLE_DEFENCES]
-  names = {"none": "no screen", **SAMPLE_DEFENCES}
+  names = {"none": "no screen", **defence_names(results)}
+  shown = list(names)
   lines = ["## What the server unlearns after screening", "",
            "The server drops the flagged samples and unlearns the rest: class-A "
            "accuracy (%) after it, with the samples that passed; overall accuracy "
            "(%) in brackets. Clean model: "
            f"{100 * passed['clean']['class_a_accuracy']:.1f} "
            f"({100 * passed['clean']['overall_accuracy']:.1f}).", "",
-           "| Attack | " + " | ".join(names[s] for s in screens) + " |",
-           "|---|" + "---|" * len(screens)]
+           "| Attack | " + " | ".join(names[s] for s in shown) + " |",
+           "|---|" + "---|" * len(shown)]
   for attack in attacks:
     cells = [f"{100 * passed[s][attack]['class_a_accuracy']:.1f} "
              f"({100 * passed[s][attack]['overall_accuracy']:.1f}; "
-             f"{passed[s][attack]['passed']} passed)" for s in screens]
+             f"{passed[s][attack]['passed']} passed)" for s in shown]
     lines.append(f"| {adaptive.label(attack)} | " + " | ".join(cells) + " |")
   return lines + ["", "![trade-off](defences_tradeoff.png)", ""]
 
@@ -105,7 +114,7 @@ def plot_roc(results: dict, path: str) -> str:
   fig, axes = plt.subplots(1, len(ATTACKS), figsize=(4.2 * len(ATTACKS), 4.0),
                            squeeze=False)
   for ax, (attack, attack_label) in zip(axes[0], ATTACKS.items()):
-    for name, label in SAMPLE_DEFENCES.items():
+    for name, label in defence_names(results).items():
       entry = results["sample_defences"][name]
       a = entry["attacks"][attack]
       if a.get("scores") is None:
@@ -113,7 +122,7 @@ def plot_roc(results: dict, path: str) -> str:
       fpr, tpr = screening.roc_curve(entry["honest_scores"], a["scores"])
       ax.plot(fpr, tpr, label=f"{label} (AUC {_fmt(a['auc'], 2)})")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
-    ax.axvline(results["config"]["defence"]["false_rejection_rate"], color="grey",
+    ax.axvline(results["config"]["server"]["false_rejection_rate"], color="grey",
                lw=0.5)
     ax.set_title(attack_label)
     ax.set_xlabel("false rejection (honest)")
