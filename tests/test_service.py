@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -114,8 +115,13 @@ def test_predict_validates_images(setup):
 
 
 def test_divergence_keeps_the_model(setup):
-  service = make_service(setup, settings=unlearning.FirstOrderSettings(
-      tau=float("inf")))
+  def diverging_unlearn(model, variables, images, labels, key, *, settings):
+    del model, images, labels, key, settings
+    return jax.tree_util.tree_map(lambda p: p * jnp.inf, variables)
+
+  method = unlearning.Method("diverging", diverging_unlearn,
+                             unlearning.FirstOrderSettings)
+  service = make_service(setup, method=method)
   x = setup[2].images
   before = service.predict(x)
   with pytest.raises(service_lib.UnlearningDiverged, match="unchanged"):

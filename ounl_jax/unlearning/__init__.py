@@ -65,7 +65,7 @@ def get_method(name: str) -> Method:
     close = difflib.get_close_matches(key, METHODS, n=1)
     hint = f" Did you mean {close[0]}?" if close else ""
     raise ValueError(f"Unknown unlearning method {name!r}.{hint} Choose one of: "
-                     f"{', '.join(METHODS)} (e.g. --method=first_order).")
+                     f"{', '.join(METHODS)}.")
   return METHODS[key]
 
 
