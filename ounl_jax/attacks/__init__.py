@@ -35,12 +35,12 @@ from ounl_jax.attacks.scheduler import Progress
 from ounl_jax.attacks.scheduler import Schedule
 from ounl_jax.attacks.scheduler import Statistics
 from ounl_jax.attacks.zoo import ZooSettings
-from ounl_jax.attacks.zoo import ZooState
 from ounl_jax.attacks.zoo import zoo_attack
-from ounl_jax.attacks.zoo import zoo_init
 from ounl_jax.attacks.zoo import zoo_run_chunk
 from ounl_jax.attacks.zoo import query_efficient_settings
 from ounl_jax.attacks.zoo import zoo_step
+from ounl_jax.attacks.zoo_state import ZooState
+from ounl_jax.attacks.zoo_state import zoo_init
 
 __all__ = (
     "BlendResult", "BlendSettings", "LABEL_MODES", "LabelOnlySettings",

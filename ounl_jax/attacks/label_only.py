@@ -311,8 +311,9 @@ def find_starts(oracle, oracle_state, original, original_class, target_class, st
   points = ((1.0 - factors[None, None, :, None]) * original[:, None, None, :]
             + factors[None, None, :, None] * starts[:, :, None, :])
   points = jnp.clip(points, PIXEL_MIN, PIXEL_MAX)
-  labels, oracle_state = query_labels(oracle, oracle_state, points.reshape(-1, dim),
-                                      image_shape, jnp.repeat(live, candidates * levels))
+  labels, oracle_state = query_labels(
+      oracle, oracle_state, points.reshape(-1, dim), image_shape,
+      jnp.repeat(live, candidates * levels))
   labels = labels.reshape(count, candidates, levels)
   adversarial = is_adversarial(labels, original_class[:, None, None],
                                target_class[:, None, None],

@@ -23,6 +23,11 @@ query of the chosen image confirms its class (A for Pushing-I; not A, or B, for
 Pushing-II). A failed sample's image is NaN and its label -1: it cannot be submitted
 by mistake (the released code saved an arctanh-space image as a Pushing-I sample;
 docs/protocol.md §8.2).
+
+Every pusher shares the two ends of a push: ``clean_query`` (one counted query per
+original, the start status) and ``finish_push`` (verification queries, the status
+rules, the ``PushResult``); ZOO here and HopSkipJump in ``label_only.py`` supply
+only the chosen iterates.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from ounl_jax.attacks import labels as labels_lib
 from ounl_jax.attacks import scheduler
 from ounl_jax.attacks import trajectory
 from ounl_jax.attacks import zoo
+from ounl_jax.attacks import zoo_state
 
 PUSHING_I = ("last", "largest_l2")
 PUSHING_II = ("first_crossing", "smallest_l2")
@@ -171,7 +177,7 @@ class PushResult(NamedTuple):
   statistics: scheduler.Statistics
 
 
-def _chosen(state: zoo.ZooState, selection: str,
+def _chosen(state: zoo_state.ZooState, selection: str,
             stop_margin: float) -> trajectory.Iterate:
   if stop_margin > 0 and selection == "last":
     found = state.near_within.iteration >= 0
