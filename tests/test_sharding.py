@@ -85,10 +85,11 @@ def test_zoo_compiles_once_per_batch_size():
       assert compiles[i] == (1 if sizes[i] != sizes[i - 1] else 0), (devices, i)
     # 7 samples through 4 slots: finished samples are replaced several times, and
     # the refill (and ZOO's init of the new samples) compiles at most once per
-    # batch size, not once per refill.
+    # batch size, not once per refill (the init is not sharded: the second mesh
+    # may reuse the first's compilation).
     refills, starts = _report()["zoo"]["refill_compiles"][devices]
     assert 1 <= refills <= len(set(sizes)), (devices, refills, sizes)
-    assert 1 <= starts <= len(set(sizes)), (devices, starts, sizes)
+    assert starts <= len(set(sizes)), (devices, starts, sizes)
 
 
 def test_label_only_on_two_devices_counts_exactly():

@@ -67,7 +67,6 @@ import numpy as np
 from ounl_jax import oracle as oracle_lib
 from ounl_jax import devices as devices_lib
 from ounl_jax.attacks import estimators
-from ounl_jax.attacks import labels as labels_lib
 from ounl_jax.attacks import pushing
 from ounl_jax.attacks import scheduler
 from ounl_jax.attacks import trajectory
@@ -77,12 +76,12 @@ PIXEL_MIN, PIXEL_MAX = -0.5, 0.5
 
 
 @dataclasses.dataclass(frozen=True)
-class LabelOnlySettings:
+class LabelOnlySettings(pushing.FinishSettings):
   """Settings of label-only pushing (HopSkipJump, L2).
 
-  Attributes:
-    target_class: class B (targeted pushing, start from the user's B images), or
-      None (untargeted: any class but A).
+  Attributes (and ``pushing.FinishSettings``': ``target_class`` B starts from the
+  user's B images; without ``verify`` ``Pushed.predicted`` is -1 and the
+  bisection's answers are trusted):
     start: ``blend`` (blend with ``start_images`` the user holds) or ``noise``
       (blend with uniform noise images).
     start_candidates: C start images tried per sample.
@@ -101,19 +100,10 @@ class LabelOnlySettings:
       drops samples that stopped improving.
     stop_tolerance: a sample stops when its best distance fell by less than this
       fraction over a chunk (0 never stops early).
-    max_l2: the L2 bound on ``||x' - x||_2`` in [-0.5, 0.5] units (20; docs/protocol.md
-      §8.1).
-    label_mode: submitted label (``original``, ``prediction`` or ``target``;
-      docs/protocol.md §9).
-    verify: query both chosen images once more and require the expected class
-      (without it ``Pushed.predicted`` is -1 and the bisection's answers are
-      trusted).
     sample_chunk_size: samples attacked together (bounds memory to
       ``sample_chunk_size * B`` images per forward batch).
-    evaluation_batch_size: images per clean / verification query.
   """
 
-  target_class: int | None = None
   start: str = "blend"
   start_candidates: int = 4
   blend_levels: int = 8
@@ -125,11 +115,7 @@ class LabelOnlySettings:
   gamma: float = 1.0
   iterations_per_chunk: int = 10
   stop_tolerance: float = 1e-3
-  max_l2: float = 20.0
-  label_mode: str = "original"
-  verify: bool = True
   sample_chunk_size: int = 64
-  evaluation_batch_size: int = 256
 
   def __post_init__(self):
     if self.start not in STARTS:
@@ -149,15 +135,10 @@ class LabelOnlySettings:
                        f"{self.binary_search_steps}.")
     if self.gamma <= 0:
       raise ValueError(f"gamma must be > 0, got {self.gamma}.")
-    labels_lib.check_label_mode(self.label_mode,
-                                has_target=self.target_class is not None)
+    super().__post_init__()
     if self.label_mode == "prediction" and not self.verify:
       raise ValueError("label_mode='prediction' needs verify=True: the prediction "
                        "is the verification query's answer.")
-
-  @property
-  def targeted(self) -> bool:
-    return self.target_class is not None
 
   def search_steps(self, dim: int) -> int:
     """T: the setting, or HSJ's ``ceil(log2(d^1.5 / gamma))`` (at least 1)."""

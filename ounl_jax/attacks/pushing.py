@@ -53,21 +53,46 @@ STATUSES = ("ok", "misclassified", "is_target", "no_crossing", "crossed_at_start
 
 
 @dataclasses.dataclass(frozen=True)
-class PushSettings:
-  """How to push (defaults: untargeted, the paper's selections, released labels).
+class FinishSettings:
+  """How every push is finished (``clean_query``, ``finish_push``).
 
   Attributes:
+    target_class: class B for targeted pushing (Tables V-VI), None for untargeted.
+    max_l2: the L2 bound on ``||x' - x||_2`` in [-0.5, 0.5] units (20;
+      docs/protocol.md §8.1).
+    label_mode: submitted label: ``original`` (released default), ``prediction``
+      (the oracle's class for the pushed image) or ``target`` (class B;
+      docs/protocol.md §9).
+    verify: query the chosen images once more and require the expected class
+      (without it the attack's own answers vouch for them).
+    evaluation_batch_size: images per clean / verification query.
+  """
+
+  target_class: int | None = None
+  max_l2: float = 20.0
+  label_mode: str = "original"
+  verify: bool = True
+  evaluation_batch_size: int = 256
+
+  def __post_init__(self):
+    labels_lib.check_label_mode(self.label_mode,
+                                has_target=self.target_class is not None)
+
+  @property
+  def targeted(self) -> bool:
+    return self.target_class is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class PushSettings(FinishSettings):
+  """How to push (defaults: untargeted, the paper's selections, released labels).
+
+  Attributes (and ``FinishSettings``'):
     zoo: ZOO settings. ``push`` sets its ``targeted`` (from ``target_class``) and
       ``stop_at_first_crossing`` (``pushing_ii == 'first_crossing'``).
-    target_class: class B for targeted pushing (Tables V-VI), None for untargeted.
     pushing_i: ``last`` (the paper's x^(t-1)) or ``largest_l2`` (released code).
     pushing_ii: ``first_crossing`` (the paper's x^(t)) or ``smallest_l2``
       (released code; runs ZOO to the end).
-    max_l2: the L2 bound on ``||x' - x||_2`` in [-0.5, 0.5] units (20).
-    label_mode: submitted label: ``original`` (released default), ``prediction``
-      (the oracle's class for the pushed image) or ``target`` (class B).
-    verify: query the chosen images once more and require the expected class.
-    evaluation_batch_size: images per evaluation query.
     stop_margin: kappa of the adaptive stop against a boundary-margin detector
       (not in the paper; needs the default selections). With kappa > 0,
       Pushing-I is the first iterate inside A whose oracle probability margin
@@ -79,13 +104,8 @@ class PushSettings:
   """
 
   zoo: zoo.ZooSettings = dataclasses.field(default_factory=zoo.ZooSettings)
-  target_class: int | None = None
   pushing_i: str = "last"
   pushing_ii: str = "first_crossing"
-  max_l2: float = 20.0
-  label_mode: str = "original"
-  verify: bool = True
-  evaluation_batch_size: int = 256
   stop_margin: float = 0.0
 
   def __post_init__(self):
@@ -95,16 +115,11 @@ class PushSettings:
     if self.pushing_ii not in PUSHING_II:
       raise ValueError(f"Unknown Pushing-II selection {self.pushing_ii!r}; choose "
                        f"one of {PUSHING_II}.")
-    labels_lib.check_label_mode(self.label_mode,
-                                has_target=self.target_class is not None)
+    super().__post_init__()
     if self.stop_margin > 0 and (self.pushing_i, self.pushing_ii) != (
         "last", "first_crossing"):
       raise ValueError("stop_margin > 0 needs pushing_i='last' and "
                        "pushing_ii='first_crossing'.")
-
-  @property
-  def targeted(self) -> bool:
-    return self.target_class is not None
 
   def zoo_settings(self) -> zoo.ZooSettings:
     """The ZOO settings a push runs with."""
@@ -229,7 +244,7 @@ def clean_query(oracle: oracle_lib.Oracle, oracle_state, images, labels, *,
 
 def finish_push(oracle: oracle_lib.Oracle, oracle_state, images, labels,
                 clean: Clean, chosen: tuple[trajectory.Iterate, trajectory.Iterate],
-                settings, *, crossed, iterations, attack_queries,
+                settings: FinishSettings, *, crossed, iterations, attack_queries,
                 statistics: scheduler.Statistics,
                 missing_ii: str = "no_crossing") -> PushResult:
   """Verification, status rules and the ``PushResult`` of any pusher (module doc).
@@ -241,8 +256,7 @@ def finish_push(oracle: oracle_lib.Oracle, oracle_state, images, labels,
     chosen: the Pushing-I and Pushing-II ``trajectory.Iterate`` (numpy; a found
       one has ``iteration >= 0``; ``predicted`` is the attack's own class for it,
       -1 where it saw none).
-    settings: with ``verify``, ``max_l2``, ``label_mode``, ``target_class`` and
-      ``evaluation_batch_size`` (``PushSettings``, ``LabelOnlySettings``).
+    settings: ``FinishSettings`` (``PushSettings``, ``LabelOnlySettings``).
     crossed: (N,) bool, the attack crossed; iterations, attack_queries: (N,).
     statistics: the scheduler's.
     missing_ii: the status of a crossed sample without a Pushing-II iterate.

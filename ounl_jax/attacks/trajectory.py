@@ -59,7 +59,7 @@ def track(state, active, centre, predicted, settings, probabilities=None):
   Args:
     state: a NamedTuple with ``original``, ``original_class``, ``target_class``,
       ``iterations`` (k), ``crossed`` and the ``Iterate`` fields of the module doc
-      (``zoo.ZooState``).
+      (``zoo_state.ZooState``).
     active: (S,) bool, samples that ran this iteration.
     centre: (S, d) the iterates; predicted: (S,) the oracle's classes for them.
     settings: with ``targeted`` and ``stop_margin``.
