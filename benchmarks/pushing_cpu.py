@@ -30,6 +30,7 @@ from ounl_jax import models
 from ounl_jax import oracle as oracle_lib
 from ounl_jax.attacks import labels as labels_lib
 from ounl_jax.attacks import pushing
+from ounl_jax.attacks import scheduler
 from ounl_jax.attacks import zoo
 
 
@@ -104,7 +105,7 @@ def main():
         f"Pushing-I={args.pushing_i}, Pushing-II={args.pushing_ii}, "
         f"max {args.max_iterations} iterations", flush=True)
 
-  def report(progress: zoo.ZooProgress):
+  def report(progress: scheduler.Progress):
     print(f"  {time.time() - started:7.1f}s: {progress.samples_done}/"
           f"{progress.samples_total} done, iteration {progress.iteration}, batch "
           f"{progress.batch_size}, {progress.oracle_queries:,} oracle queries",

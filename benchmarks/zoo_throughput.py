@@ -69,6 +69,7 @@ from ounl_jax import devices as devices_lib
 from ounl_jax import models
 from ounl_jax import oracle as oracle_lib
 from ounl_jax.attacks import zoo
+from ounl_jax.attacks import zoo_state
 
 MALLOC_VARS = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "4294967296",
                "MALLOC_TRIM_THRESHOLD_": "68719476736",
@@ -131,7 +132,7 @@ def measure(model, variables, count: int, settings: zoo.ZooSettings, rounds: int
   images = jax.random.uniform(jax.random.fold_in(key, 0),
                               (count,) + model.input_shape, minval=-0.5, maxval=0.5)
   labels = np.zeros((count,), np.int32)
-  state = zoo.zoo_init(images, labels, jax.random.fold_in(key, 1), settings)
+  state = zoo_state.zoo_init(images, labels, jax.random.fold_in(key, 1), settings)
   oracle_state = oracle.init()
   probes = jax.random.uniform(jax.random.fold_in(key, 2),
                               (batch,) + model.input_shape, minval=-0.5, maxval=0.5)

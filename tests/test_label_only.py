@@ -112,6 +112,27 @@ def test_query_counts_are_exact(tiny_model):
   np.testing.assert_array_equal(result.evaluation_queries[walked], 3)
   # Samples that stalled stopped early (fewer iterations, fewer queries).
   assert (result.iterations[walked] <= SETTINGS.max_iterations).all()
+  # The walk ran on the shared scheduler: every walk iteration in a chunk's slot,
+  # and the batch shrinks to the live samples, so few slots idle.
+  stats = result.statistics
+  assert stats.busy_slot_iterations == int(result.iterations.sum())
+  assert 0 < stats.slot_occupancy <= 1
+
+
+def test_groups_and_chunks_do_not_change_a_sample(tiny_model):
+  """A sample's draws depend on its index and iteration only, and the stop check
+  is per sample: other group and chunk sizes give the same iterations and queries
+  (the float32 answers of this tiny model do not depend on the batch here)."""
+  oracle = make_oracle(tiny_model)
+  images, labels, others, _ = user_data(tiny_model)
+  base = label_only.label_only_push(oracle, images, labels, jax.random.key(0),
+                                    SETTINGS, start_images=others)
+  other = label_only.label_only_push(
+      oracle, images, labels, jax.random.key(0),
+      dataclasses.replace(SETTINGS, sample_chunk_size=3), start_images=others)
+  np.testing.assert_array_equal(base.iterations, other.iterations)
+  np.testing.assert_array_equal(base.attack_queries, other.attack_queries)
+  np.testing.assert_array_equal(base.pushing_ii.status, other.pushing_ii.status)
 
 
 def test_only_the_top_label_is_used(tiny_model):

@@ -11,6 +11,7 @@ from ounl_jax import oracle as oracle_lib
 from ounl_jax.attacks import labels as labels_lib
 from ounl_jax.attacks import pushing
 from ounl_jax.attacks import zoo
+from ounl_jax.attacks import zoo_state
 
 SHAPE = (4, 4, 3)
 CLASSES = 4
@@ -92,6 +93,15 @@ def test_query_accounting():
   assert result.oracle_queries == int(result.oracle_state.queries)
   # Finished and padding rows are not answered: the oracle's total is exact.
   assert result.oracle_queries == int(result.queries.sum())
+  # Every iteration of every sample ran in a compiled chunk's slot: the busy
+  # slot-iterations are the samples' iterations, and a chunk runs its batch for as
+  # long as its slowest row, so the occupancy is at most 1.
+  stats = result.statistics
+  assert stats.busy_slot_iterations == int(result.iterations.sum())
+  assert stats.busy_slot_iterations <= stats.slot_iterations
+  assert stats.slot_occupancy == pytest.approx(
+      stats.busy_slot_iterations / stats.slot_iterations)
+  assert stats.calls >= -(-len(labels) // ZOO.sample_chunk_size)
 
 
 def test_two_parameter_sets_share_one_compiled_chunk():
@@ -243,8 +253,8 @@ def test_vgg_trajectory_does_not_depend_on_batch_mates(trained_vgg):
 
   def first_sample_with(partner):
     ids = np.array([0, partner])
-    state = zoo.zoo_init(train.images[ids], train.labels[ids], jax.random.key(0),
-                         settings, sample_ids=ids)
+    state = zoo_state.zoo_init(train.images[ids], train.labels[ids],
+                               jax.random.key(0), settings, sample_ids=ids)
     state = run(state, oracle.init())[0]
     return np.asarray(state.modifier[0]), np.asarray(state.loss[0])
 

@@ -10,7 +10,8 @@ on its report. In that process, with the tiny task and MLP of ``tests/tiny.py``:
   1-device mesh: every ``ZooState`` leaf bit for bit equal;
 * the 2-device chunk's inputs and outputs split over both devices (rows), the
   oracle state replicated;
-* the oracle's total equals the sum of the per-sample counts on both;
+* the oracle's total equals the sum of the per-sample counts on both, for ZOO and
+  for label-only pushing (the same host scheduler);
 * ``zoo_run_chunk`` compiles once per batch size, never again for a chunk of the
   same size, and the refill between chunks at most once per batch size (counted
   from JAX's backend-compile events);
@@ -83,9 +84,19 @@ def test_zoo_compiles_once_per_batch_size():
     for i in range(1, len(sizes)):
       assert compiles[i] == (1 if sizes[i] != sizes[i - 1] else 0), (devices, i)
     # 7 samples through 4 slots: finished samples are replaced several times, and
-    # the refill compiles at most once per batch size, not once per refill.
-    refills = _report()["zoo"]["refill_compiles"][devices]
+    # the refill (and ZOO's init of the new samples) compiles at most once per
+    # batch size, not once per refill (the init is not sharded: the second mesh
+    # may reuse the first's compilation).
+    refills, starts = _report()["zoo"]["refill_compiles"][devices]
     assert 1 <= refills <= len(set(sizes)), (devices, refills, sizes)
+    assert starts <= len(set(sizes)), (devices, starts, sizes)
+
+
+def test_label_only_on_two_devices_counts_exactly():
+  for devices, run in _report()["label_only"].items():
+    assert run["oracle_queries"] == run["queries"], devices
+    assert run["crossed"] > 0, devices
+    assert run["busy"] == run["iterations"], devices
 
 
 def test_training_on_two_devices_matches_one():
@@ -170,7 +181,8 @@ def _main():
     result = zoo.zoo_attack(oracle, images, labels, jax.random.key(3), settings,
                             mesh=mesh, on_chunk=on_chunk)
     results[count] = result.state
-    refills[count] = compiles[attack_start:].count("jit(_refill)")
+    refills[count] = [compiles[attack_start:].count(name)
+                      for name in ("jit(_refill)", "jit(_start)")]
     queries[count] = [int(result.oracle_state.queries),
                       int(np.sum(result.state.queries))]
   zoo.compiled_chunk = real_chunk
@@ -182,6 +194,25 @@ def _main():
                        batch_sizes=sizes, compiles=chunk_compiles, queries=queries,
                        refill_compiles=refills,
                        iterations=results[2].iterations.tolist())
+
+  # Label-only pushing on the same scheduler: groups of 3 samples, split over the
+  # mesh (padded to a multiple of 2 rows); the oracle's count stays exact.
+  from ounl_jax.attacks import label_only
+  walk = label_only.LabelOnlySettings(max_iterations=4, directions=16,
+                                      iterations_per_chunk=2, sample_chunk_size=3,
+                                      binary_search_steps=6)
+  others, _ = tiny.synthetic(16, 11)
+  label_only_report = {}
+  for count in (2, 1):
+    mesh = devices_lib.sample_mesh(jax.devices()[:count])
+    pushed = label_only.label_only_push(oracle, images, labels, jax.random.key(4),
+                                        walk, start_images=others, mesh=mesh)
+    label_only_report[count] = dict(
+        oracle_queries=pushed.oracle_queries, queries=int(pushed.queries.sum()),
+        crossed=int(pushed.crossed.sum()),
+        busy=pushed.statistics.busy_slot_iterations,
+        iterations=int(pushed.iterations.sum()))
+  report["label_only"] = label_only_report
 
   train_images, train_labels = tiny.synthetic(256, 5)
   params, losses, train_compiles = {}, {}, {}

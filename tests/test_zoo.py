@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from ounl_jax import oracle as oracle_lib
+from ounl_jax.attacks import estimators
+from ounl_jax.attacks import margins
 from ounl_jax.attacks import zoo
+from ounl_jax.attacks import zoo_state
 
 SHAPE = (4, 4, 3)
 DIM = 48
@@ -49,7 +52,7 @@ def reference_loss(modifier, anchor, logits, cls, settings):
   image = jnp.tanh(modifier + anchor) / 2
   start = jnp.tanh(anchor) / 2
   logp = jax.nn.log_softmax(logits(image.reshape((1,) + SHAPE))[0])
-  margin = zoo.margin(logp, cls, settings.targeted)
+  margin = margins.margin(logp, cls, settings.targeted)
   return (jnp.sum(jnp.square(image - start))
           + settings.c * jnp.maximum(margin, -settings.kappa))
 
@@ -59,15 +62,16 @@ def estimated_and_true_gradients(settings, scale, cls, seed=3):
   images, _ = images_and_labels(1, scale=scale)
   anchor = jnp.arctanh(settings.tanh_scale * jnp.asarray(images[0]).reshape(-1))
   modifier = 0.05 * jax.random.normal(jax.random.key(seed), (DIM,))
-  coordinates = zoo.draw_coordinates(jax.random.key(seed + 1), DIM,
+  coordinates = estimators.draw_coordinates(jax.random.key(seed + 1), DIM,
                                      settings.coordinates_per_iteration)
 
   @jax.jit
   def estimate(modifier):
-    probes, values = zoo.probe_images(modifier, anchor, coordinates, settings)
+    probes, values = estimators.coordinate_probes(modifier, anchor, coordinates,
+                                                  settings)
     probabilities = jax.nn.softmax(logits(probes.reshape((-1,) + SHAPE)))
-    return zoo.coordinate_gradient(probabilities, modifier, anchor, coordinates,
-                                   values, cls, settings)
+    return estimators.coordinate_gradient(probabilities, modifier, anchor,
+                                          coordinates, values, cls, settings)
 
   true = jax.grad(reference_loss)(modifier, anchor, logits, cls, settings)
   return estimate(modifier), true[coordinates]
@@ -96,7 +100,7 @@ def test_probe_images_move_one_coordinate_each():
   anchor = jnp.zeros((DIM,))
   coordinates = jnp.array([3, 7, 11])
   settings = dataclasses.replace(SETTINGS, coordinates_per_iteration=3)
-  probes, values = zoo.probe_images(modifier, anchor, coordinates, settings)
+  probes, values = estimators.coordinate_probes(modifier, anchor, coordinates, settings)
   assert probes.shape == (settings.queries_per_iteration, DIM) == (7, DIM)
   centre = jnp.tanh(modifier) / 2
   np.testing.assert_array_equal(probes[0], centre)
@@ -112,7 +116,7 @@ def test_probe_images_move_one_coordinate_each():
 def test_coordinate_adam_matches_hand_computation():
   settings = SETTINGS
   modifier = np.linspace(-0.2, 0.2, 6).astype(np.float32)
-  adam = zoo.CoordinateAdamState(jnp.zeros(6), jnp.zeros(6),
+  adam = estimators.CoordinateAdamState(jnp.zeros(6), jnp.zeros(6),
                                  jnp.zeros(6, jnp.int32))
   steps = [(np.array([1, 4]), np.array([0.5, -2.0], np.float32)),
            (np.array([4, 0]), np.array([1.5, 3.0], np.float32))]
@@ -120,7 +124,7 @@ def test_coordinate_adam_matches_hand_computation():
                 modifier.astype(np.float64))
   b1, b2, lr, eps = 0.9, 0.999, 0.01, 1e-8
   for coordinates, gradient in steps:
-    modifier, adam = zoo.coordinate_adam(jnp.asarray(modifier), adam,
+    modifier, adam = estimators.coordinate_adam(jnp.asarray(modifier), adam,
                                          jnp.asarray(coordinates),
                                          jnp.asarray(gradient), settings)
     for j, g in zip(coordinates, gradient.astype(np.float64)):
@@ -138,7 +142,7 @@ def test_coordinate_adam_matches_hand_computation():
 
 
 def test_coordinate_descent_is_eq7():
-  modifier, adam = zoo.coordinate_descent(
+  modifier, adam = estimators.coordinate_descent(
       jnp.zeros(4), None, jnp.array([2]), jnp.array([3.0]),
       dataclasses.replace(SETTINGS, solver="descent", learning_rate=0.5))
   np.testing.assert_allclose(modifier, [0, 0, -1.5, 0])
@@ -147,7 +151,7 @@ def test_coordinate_descent_is_eq7():
 
 def test_one_step_queries_once_per_probe():
   images, labels = images_and_labels(3)
-  state = zoo.zoo_init(images, labels, jax.random.key(0), SETTINGS)
+  state = zoo_state.zoo_init(images, labels, jax.random.key(0), SETTINGS)
   step = jax.jit(functools.partial(zoo.zoo_step, oracle=ORACLE, settings=SETTINGS))
   state, oracle_state = step(state, ORACLE.init())
   assert SETTINGS.queries_per_iteration == 2 * 8 + 1
@@ -230,8 +234,8 @@ def test_trajectory_does_not_depend_on_batch_mates():
 
   def sample_zero_with(partner):
     index = np.array([0, partner])
-    state = zoo.zoo_init(images[index], labels[index], jax.random.key(0), settings,
-                         sample_ids=index)
+    state = zoo_state.zoo_init(images[index], labels[index], jax.random.key(0),
+                               settings, sample_ids=index)
     return jax.tree_util.tree_map(lambda a: np.asarray(a)[0],
                                   run(state, ORACLE.init())[0]._replace(keys=None))
 
@@ -312,13 +316,13 @@ def test_invalid_settings_are_refused():
   with pytest.raises(ValueError, match="stop_margin"):
     zoo.ZooSettings(stop_margin=1.0)
   with pytest.raises(ValueError, match="targets"):
-    zoo.zoo_init(*images_and_labels(1), jax.random.key(0),
+    zoo_state.zoo_init(*images_and_labels(1), jax.random.key(0),
                  dataclasses.replace(SETTINGS, targeted=True))
 
 
 def test_careful_log_probabilities():
   p = jnp.array([[1.0, 1e-9, 2e-9, 0.0], [0.25, 0.25, 0.25, 0.25]], jnp.float32)
-  logp = zoo.log_probabilities(p)
+  logp = margins.log_probabilities(p)
   np.testing.assert_allclose(logp[0, 0], -3e-9, rtol=1e-5)  # Not log(1.0) = 0.
   np.testing.assert_allclose(logp[0, 3], np.log(1e-30), rtol=1e-6)  # +1e-30.
   np.testing.assert_allclose(logp[1], np.log(0.25), rtol=1e-6)
@@ -329,12 +333,20 @@ DIRECTIONS = dataclasses.replace(SETTINGS, estimator="directions",
                                  directions_per_iteration=4, direction_h=1e-2)
 
 
+def draw_directions(key, settings):
+  """ZOO's draw for one sample and iteration (as ``zoo.zoo_step``)."""
+  return estimators.draw_directions(
+      key, settings.directions_per_iteration, SHAPE,
+      resolution=settings.direction_resolution,
+      distribution=settings.direction_distribution)
+
+
 def test_direction_probes_are_antithetic_pairs():
   modifier = 0.1 * jax.random.normal(jax.random.key(0), (DIM,))
   anchor = 0.2 * jax.random.normal(jax.random.key(1), (DIM,))
-  directions = zoo.draw_directions(jax.random.key(2), SHAPE, DIRECTIONS)
+  directions = draw_directions(jax.random.key(2), DIRECTIONS)
   assert directions.shape == (4, DIM)
-  probes = zoo.direction_probe_images(modifier, anchor, directions, DIRECTIONS)
+  probes = estimators.direction_probes(modifier, anchor, directions, DIRECTIONS)
   assert probes.shape == (DIRECTIONS.queries_per_iteration, DIM) == (9, DIM)
   np.testing.assert_allclose(probes[0], np.tanh(modifier + anchor) / 2, rtol=1e-6)
   for i in range(4):
@@ -347,11 +359,11 @@ def test_direction_probes_are_antithetic_pairs():
 def test_direction_draws():
   rademacher = dataclasses.replace(DIRECTIONS, direction_distribution="rademacher",
                                    directions_per_iteration=3)
-  u = np.asarray(zoo.draw_directions(jax.random.key(0), SHAPE, rademacher))
+  u = np.asarray(draw_directions(jax.random.key(0), rademacher))
   assert u.shape == (3, DIM) and set(np.unique(u)) == {-1.0, 1.0}
   # At resolution 1 every pixel of a channel moves together.
   coarse = dataclasses.replace(DIRECTIONS, direction_resolution=1)
-  u = np.asarray(zoo.draw_directions(jax.random.key(0), SHAPE, coarse))
+  u = np.asarray(draw_directions(jax.random.key(0), coarse))
   u = u.reshape((4,) + SHAPE)
   np.testing.assert_allclose(u, np.broadcast_to(u[:, :1, :1, :], u.shape), rtol=1e-6)
 
@@ -366,10 +378,10 @@ def test_direction_gradient_is_the_antithetic_estimate():
 
   @functools.partial(jax.jit, static_argnums=0)
   def estimate(settings, key):
-    directions = zoo.draw_directions(key, SHAPE, settings)
-    probes = zoo.direction_probe_images(modifier, anchor, directions, settings)
+    directions = draw_directions(key, settings)
+    probes = estimators.direction_probes(modifier, anchor, directions, settings)
     probabilities = jax.nn.softmax(logits(probes.reshape((-1,) + SHAPE)))
-    return directions, zoo.direction_gradient(probabilities, probes, anchor,
+    return directions, estimators.direction_gradient(probabilities, probes, anchor,
                                               directions, cls, settings)
 
   directions, probe = estimate(DIRECTIONS, jax.random.key(4))

@@ -42,10 +42,12 @@ final bracket is the nearest found, and both ends come from one bisection.
 
 Query accounting is exact: ``1`` clean query per sample, ``C * G`` for the start,
 ``T`` for the first bisection, ``B + K + K * T`` per walk iteration and, with
-``verify``, one query per found Pushing-I and Pushing-II image. Every image in a
-compiled call belongs to a live sample (finished samples are dropped between chunks
-on the host, never masked), so the oracle's count equals the sum of the per-sample
-counts.
+``verify``, one query per found Pushing-I and Pushing-II image. The walk runs on the
+shared host scheduler (``scheduler.py``) in groups of ``sample_chunk_size``
+samples: a sample stops when its distance fell by less than ``stop_tolerance`` over
+``iterations_per_chunk`` iterations, and the batch shrinks to the live samples; rows
+that are done (or padding on several devices) are masked out of the oracle's
+answers and counts, so the oracle's count equals the sum of the per-sample counts.
 
 The attack sees only ``oracle.query``; with a probabilities oracle it takes the
 argmax, so its result is the same as with a labels oracle.
@@ -63,20 +65,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from ounl_jax import oracle as oracle_lib
-from ounl_jax.attacks import labels as labels_lib
+from ounl_jax import devices as devices_lib
+from ounl_jax.attacks import estimators
 from ounl_jax.attacks import pushing
+from ounl_jax.attacks import scheduler
+from ounl_jax.attacks import trajectory
 
 STARTS = ("blend", "noise")
 PIXEL_MIN, PIXEL_MAX = -0.5, 0.5
 
 
 @dataclasses.dataclass(frozen=True)
-class LabelOnlySettings:
+class LabelOnlySettings(pushing.FinishSettings):
   """Settings of label-only pushing (HopSkipJump, L2).
 
-  Attributes:
-    target_class: class B (targeted pushing, start from the user's B images), or
-      None (untargeted: any class but A).
+  Attributes (and ``pushing.FinishSettings``': ``target_class`` B starts from the
+  user's B images; without ``verify`` ``Pushed.predicted`` is -1 and the
+  bisection's answers are trusted):
     start: ``blend`` (blend with ``start_images`` the user holds) or ``noise``
       (blend with uniform noise images).
     start_candidates: C start images tried per sample.
@@ -95,19 +100,10 @@ class LabelOnlySettings:
       drops samples that stopped improving.
     stop_tolerance: a sample stops when its best distance fell by less than this
       fraction over a chunk (0 never stops early).
-    max_l2: the L2 bound on ``||x' - x||_2`` in [-0.5, 0.5] units (20; docs/protocol.md
-      §8.1).
-    label_mode: submitted label (``original``, ``prediction`` or ``target``;
-      docs/protocol.md §9).
-    verify: query both chosen images once more and require the expected class
-      (without it ``Pushed.predicted`` is -1 and the bisection's answers are
-      trusted).
     sample_chunk_size: samples attacked together (bounds memory to
       ``sample_chunk_size * B`` images per forward batch).
-    evaluation_batch_size: images per clean / verification query.
   """
 
-  target_class: int | None = None
   start: str = "blend"
   start_candidates: int = 4
   blend_levels: int = 8
@@ -119,11 +115,7 @@ class LabelOnlySettings:
   gamma: float = 1.0
   iterations_per_chunk: int = 10
   stop_tolerance: float = 1e-3
-  max_l2: float = 20.0
-  label_mode: str = "original"
-  verify: bool = True
   sample_chunk_size: int = 64
-  evaluation_batch_size: int = 256
 
   def __post_init__(self):
     if self.start not in STARTS:
@@ -143,15 +135,10 @@ class LabelOnlySettings:
                        f"{self.binary_search_steps}.")
     if self.gamma <= 0:
       raise ValueError(f"gamma must be > 0, got {self.gamma}.")
-    labels_lib.check_label_mode(self.label_mode,
-                                has_target=self.target_class is not None)
+    super().__post_init__()
     if self.label_mode == "prediction" and not self.verify:
       raise ValueError("label_mode='prediction' needs verify=True: the prediction "
                        "is the verification query's answer.")
-
-  @property
-  def targeted(self) -> bool:
-    return self.target_class is not None
 
   def search_steps(self, dim: int) -> int:
     """T: the setting, or HSJ's ``ceil(log2(d^1.5 / gamma))`` (at least 1)."""
@@ -198,8 +185,11 @@ class LabelOnlyState(NamedTuple):
     distance: (S,) ``||outer - original||``.
     best_inner, best_outer, best_distance: the bracket with the smallest distance.
     best_iteration: (S,) the walk iteration of the best bracket (0: the start).
-    iteration: (S,) walk iterations run.
+    checkpoint_distance: (S,) ``best_distance`` at the last stop check.
+    found: (S,) a start point was found (the walk crossed).
+    iterations: (S,) walk iterations run.
     queries: (S,) attack queries spent (start, bisections, walk).
+    done: (S,) finished (no start, stalled, or ``max_iterations``) or padding.
   """
 
   original: jax.Array
@@ -213,14 +203,19 @@ class LabelOnlyState(NamedTuple):
   best_outer: jax.Array
   best_distance: jax.Array
   best_iteration: jax.Array
-  iteration: jax.Array
+  checkpoint_distance: jax.Array
+  found: jax.Array
+  iterations: jax.Array
   queries: jax.Array
+  done: jax.Array
 
 
-def query_labels(oracle: oracle_lib.Oracle, oracle_state, flat_images, image_shape):
-  """The oracle's top class of (N, d) images: one counted query of N images."""
+def query_labels(oracle: oracle_lib.Oracle, oracle_state, flat_images, image_shape,
+                 mask=None):
+  """The oracle's top class of (N, d) images: one counted query of the N images
+  where ``mask`` (default all)."""
   answers, oracle_state = oracle.query(
-      oracle_state, flat_images.reshape((-1,) + tuple(image_shape)))
+      oracle_state, flat_images.reshape((-1,) + tuple(image_shape)), mask)
   if oracle.output != "labels":
     answers = jnp.argmax(answers, -1)  # Decision-based: only the top class is used.
   return answers.astype(jnp.int32), oracle_state
@@ -241,8 +236,10 @@ def _blend(original, other, factor):
 
 
 def binary_search(oracle, oracle_state, original, outer, original_class,
-                  target_class, *, steps: int, targeted: bool, image_shape):
-  """Bisects ``[x, outer]`` for ``steps`` steps (HSJ's binary search; one query each).
+                  target_class, *, steps: int, targeted: bool, image_shape,
+                  mask=None):
+  """Bisects ``[x, outer]`` for ``steps`` steps (HSJ's binary search; one query each
+  for the rows where ``mask``, default all).
 
   ``original`` must be non-adversarial and ``outer`` adversarial.
 
@@ -255,7 +252,7 @@ def binary_search(oracle, oracle_state, original, outer, original_class,
     low, high, state = carry
     middle = 0.5 * (low + high)
     labels, state = query_labels(oracle, state, _blend(original, outer, middle),
-                                 image_shape)
+                                 image_shape, mask)
     adversarial = is_adversarial(labels, original_class, target_class,
                                  targeted=targeted)
     return (jnp.where(adversarial, low, middle), jnp.where(adversarial, middle, high),
@@ -283,8 +280,8 @@ def draw_start_images(key, sample_ids, pool, *, settings: LabelOnlySettings, dim
 
 
 def find_starts(oracle, oracle_state, original, original_class, target_class, starts,
-                *, settings: LabelOnlySettings, image_shape):
-  """The adversarial blend nearest to each sample (the start; C * G queries).
+                live, *, settings: LabelOnlySettings, image_shape):
+  """The adversarial blend nearest to each live sample (the start; C * G queries).
 
   Returns:
     ``(start (S, d), found (S,), oracle_state)``.
@@ -295,8 +292,9 @@ def find_starts(oracle, oracle_state, original, original_class, target_class, st
   points = ((1.0 - factors[None, None, :, None]) * original[:, None, None, :]
             + factors[None, None, :, None] * starts[:, :, None, :])
   points = jnp.clip(points, PIXEL_MIN, PIXEL_MAX)
-  labels, oracle_state = query_labels(oracle, oracle_state,
-                                      points.reshape(-1, dim), image_shape)
+  labels, oracle_state = query_labels(
+      oracle, oracle_state, points.reshape(-1, dim), image_shape,
+      jnp.repeat(live, candidates * levels))
   labels = labels.reshape(count, candidates, levels)
   adversarial = is_adversarial(labels, original_class[:, None, None],
                                target_class[:, None, None],
@@ -306,7 +304,7 @@ def find_starts(oracle, oracle_state, original, original_class, target_class, st
   distance = jnp.where(adversarial, distance, jnp.inf).reshape(count, -1)
   best = jnp.argmin(distance, axis=-1)
   start = points.reshape(count, candidates * levels, dim)[jnp.arange(count), best]
-  return start, jnp.isfinite(distance.min(-1)), oracle_state
+  return start, jnp.isfinite(distance.min(-1)) & live, oracle_state
 
 
 def label_only_init(oracle, oracle_state, original, original_class, target_class,
@@ -324,8 +322,10 @@ def label_only_init(oracle, oracle_state, original, original_class, target_class
       original=original, original_class=original_class, target_class=target_class,
       sample_ids=sample_ids, inner=inner, outer=outer, distance=distance,
       best_inner=inner, best_outer=outer, best_distance=distance,
-      best_iteration=zeros, iteration=zeros,
-      queries=jnp.full((count,), settings.start_queries() + steps, jnp.int32))
+      best_iteration=zeros, checkpoint_distance=distance,
+      found=jnp.ones((count,), bool), iterations=zeros,
+      queries=jnp.full((count,), settings.start_queries() + steps, jnp.int32),
+      done=jnp.full((count,), settings.max_iterations == 0))
   return state, oracle_state
 
 
@@ -333,17 +333,13 @@ def normal_probes(key, boundary, delta, *, directions: int,
                   image_shape: tuple[int, ...], resolution: int | None = None):
   """``B`` probes ``clip(b + delta u)`` and the effective unit steps (one sample).
 
-  With ``resolution`` r the directions are Gaussian on an (r, r, C) grid upsampled
-  bilinearly to (H, W, C) (QEBA's low-frequency subspace; as ZOO's
-  ``direction_resolution``), otherwise Gaussian per pixel.
+  The unit directions u are ``estimators.draw_directions`` normalised: Gaussian per
+  pixel (HSJ), or with ``resolution`` r on an (r, r, C) grid upsampled bilinearly
+  (QEBA's low-frequency subspace; as ZOO's ``direction_resolution``).
   """
-  if resolution is None:
-    units = jax.random.normal(key, (directions, boundary.shape[-1]))
-  else:
-    height, width, channels = image_shape
-    units = jax.random.normal(key, (directions, resolution, resolution, channels))
-    units = jax.image.resize(units, (directions, height, width, channels),
-                             "linear").reshape(directions, -1)
+  units = estimators.draw_directions(
+      key, directions, image_shape if resolution else boundary.shape,
+      resolution=resolution)
   units = units / jnp.linalg.norm(units, axis=-1, keepdims=True)
   probes = jnp.clip(boundary + delta * units, PIXEL_MIN, PIXEL_MAX)
   return probes, (probes - boundary) / delta
@@ -361,16 +357,20 @@ def normal_from_signs(phi, units):
 
 def label_only_step(state: LabelOnlyState, oracle_state, key, *, oracle,
                     settings: LabelOnlySettings, image_shape):
-  """One HopSkipJump iteration of every sample (module doc, step 3).
+  """One HopSkipJump iteration of every sample that is not done (module doc,
+  step 3); done rows are masked out of the oracle's answers and counts.
 
   Queries per sample: B (normal) + K (step sizes) + K * T (bisections), each group
-  one flat oracle call per round.
+  one flat oracle call per round. Every ``iterations_per_chunk`` iterations (and
+  at ``max_iterations``) a sample whose best distance fell by less than
+  ``stop_tolerance`` since the last check stops.
   """
   count, dim = state.original.shape
   targeted = settings.targeted
-  t = (state.iteration + 1).astype(jnp.float32)
+  active = jnp.logical_not(state.done)
+  t = (state.iterations + 1).astype(jnp.float32)
   keys = jax.vmap(lambda i, it: jax.random.fold_in(jax.random.fold_in(key, i), it))(
-      state.sample_ids, state.iteration)
+      state.sample_ids, state.iterations)
   # HSJ's probe radius gamma * dist / d is sqrt(d) times its bisection threshold;
   # with fewer bisection steps the bracket is wider, and probes from its outer end
   # must still reach across the boundary: at least sqrt(d) bracket widths.
@@ -382,7 +382,8 @@ def label_only_step(state: LabelOnlyState, oracle_state, key, *, oracle,
       normal_probes, directions=settings.directions, image_shape=image_shape,
       resolution=settings.direction_resolution))(keys, state.outer, delta)
   labels, oracle_state = query_labels(oracle, oracle_state, probes.reshape(-1, dim),
-                                      image_shape)
+                                      image_shape,
+                                      jnp.repeat(active, settings.directions))
   adversarial = is_adversarial(labels.reshape(count, -1),
                                state.original_class[:, None],
                                state.target_class[:, None], targeted=targeted)
@@ -393,18 +394,19 @@ def label_only_step(state: LabelOnlyState, oracle_state, key, *, oracle,
       settings.step_candidates, dtype=jnp.float32)[None, :]
   candidates = jnp.clip(state.outer[:, None, :] + sizes[..., None] * normal[:, None, :],
                         PIXEL_MIN, PIXEL_MAX)
+  repeat = lambda a: jnp.repeat(a, settings.step_candidates, axis=0)
   labels, oracle_state = query_labels(oracle, oracle_state,
-                                      candidates.reshape(-1, dim), image_shape)
+                                      candidates.reshape(-1, dim), image_shape,
+                                      repeat(active))
   adversarial = is_adversarial(labels.reshape(count, -1),
                                state.original_class[:, None],
                                state.target_class[:, None], targeted=targeted)
   # Bisect every candidate towards x at once; keep the nearest boundary point.
   steps = settings.search_steps(dim)
-  repeat = lambda a: jnp.repeat(a, settings.step_candidates, axis=0)
   inner, outer, oracle_state = binary_search(
       oracle, oracle_state, repeat(state.original), candidates.reshape(-1, dim),
       repeat(state.original_class), repeat(state.target_class), steps=steps,
-      targeted=targeted, image_shape=image_shape)
+      targeted=targeted, image_shape=image_shape, mask=repeat(active))
   distance = jnp.linalg.norm(outer.reshape(count, -1, dim)
                              - state.original[:, None, :], axis=-1)
   distance = jnp.where(adversarial, distance, jnp.inf)
@@ -416,41 +418,45 @@ def label_only_step(state: LabelOnlyState, oracle_state, key, *, oracle,
   inner = keep(inner.reshape(count, -1, dim)[rows, nearest], state.inner)
   outer = keep(outer.reshape(count, -1, dim)[rows, nearest], state.outer)
   distance = jnp.where(moved, distance, state.distance)
-  iteration = state.iteration + 1
+  iteration = state.iterations + 1
   better = distance < state.best_distance
   pick = lambda new, old: jnp.where(better[:, None], new, old)
-  return state._replace(
+  best_distance = jnp.where(better, distance, state.best_distance)
+  check = (iteration % settings.iterations_per_chunk == 0) | (
+      iteration >= settings.max_iterations)
+  stalled = best_distance > (1.0 - settings.stop_tolerance) * state.checkpoint_distance
+  walked = state._replace(
       inner=inner, outer=outer, distance=distance,
       best_inner=pick(inner, state.best_inner),
       best_outer=pick(outer, state.best_outer),
-      best_distance=jnp.where(better, distance, state.best_distance),
+      best_distance=best_distance,
       best_iteration=jnp.where(better, iteration, state.best_iteration),
-      iteration=iteration,
-      queries=state.queries + settings.iteration_queries(dim)), oracle_state
+      checkpoint_distance=jnp.where(check, best_distance, state.checkpoint_distance),
+      iterations=iteration,
+      queries=state.queries + settings.iteration_queries(dim),
+      done=check & (stalled | (iteration >= settings.max_iterations)))
+  return scheduler.select_rows(active, walked, state), oracle_state
 
 
 def label_only_run_chunk(state, oracle_state, key, *, oracle, settings, image_shape,
-                         iterations: int):
-  """``iterations`` walk iterations of every sample (``lax.scan``)."""
-  def body(carry, _):
-    return label_only_step(*carry, key, oracle=oracle, settings=settings,
-                           image_shape=image_shape), None
-
-  (state, oracle_state), _ = jax.lax.scan(body, (state, oracle_state), None,
-                                          length=iterations)
-  return state, oracle_state
+                         mesh=None):
+  """Up to ``iterations_per_chunk`` walk iterations (``scheduler.run_steps``)."""
+  step = functools.partial(label_only_step, key=key, oracle=oracle,
+                           settings=settings, image_shape=image_shape)
+  return scheduler.run_steps(step, state, oracle_state,
+                             iterations=settings.iterations_per_chunk, mesh=mesh)
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(oracle, settings, image_shape):
-  """The jitted phases for one oracle and settings (cached)."""
-  statics = dict(oracle=oracle, settings=settings, image_shape=image_shape)
+def _compiled(oracle, settings, image_shape, mesh):
+  """The jitted phases for one oracle, settings and mesh (cached)."""
   find = jax.jit(lambda *a: find_starts(oracle, *a, settings=settings,
                                         image_shape=image_shape))
   init = jax.jit(lambda *a: label_only_init(oracle, *a, settings=settings,
                                             image_shape=image_shape))
-  chunk = jax.jit(functools.partial(label_only_run_chunk, **statics),
-                  static_argnames=("iterations",))
+  chunk = jax.jit(functools.partial(label_only_run_chunk, oracle=oracle,
+                                    settings=settings, image_shape=image_shape,
+                                    mesh=mesh))
   starts = jax.jit(functools.partial(draw_start_images, settings=settings,
                                      dim=int(np.prod(image_shape))))
   return find, init, chunk, starts
@@ -462,64 +468,54 @@ def _static(oracle: oracle_lib.Oracle) -> oracle_lib.Oracle:
   return oracle.static() if hasattr(oracle, "static") else oracle
 
 
-def _attack_group(oracle, oracle_state, images, labels, targets, ids, pool, key,
-                  settings, image_shape):
-  """Start, first bisection and walk of one group of samples (host loop)."""
-  find, init, chunk, starts_fn = _compiled(_static(oracle), settings, image_shape)
-  original = jnp.asarray(images.reshape(len(ids), -1))
-  ids_j = jnp.asarray(ids, jnp.int32)
-  starts = starts_fn(jax.random.fold_in(key, 0), ids_j, pool)
-  start, found, oracle_state = find(oracle_state, original, jnp.asarray(labels),
-                                    jnp.asarray(targets), starts)
-  oracle_lib.check_budget(oracle, oracle_state)
-  found = np.asarray(found)
-  dim = original.shape[1]
-  queries = np.full(len(ids), settings.start_queries(), np.int32)
-  rows = np.flatnonzero(found)
-  if len(rows) == 0:
-    return None, found, queries, rows, oracle_state
-  state, oracle_state = init(oracle_state, original[rows], jnp.asarray(labels[rows]),
-                             jnp.asarray(targets[rows]), ids_j[rows], start[rows])
-  oracle_lib.check_budget(oracle, oracle_state)
-  finished = []
-  live = np.arange(len(rows))
+def _pusher(oracle, images, labels, targets, index, pool, key, settings, mesh):
+  """The ``scheduler.Pusher`` of the samples ``index`` (rows of the arrays): start
+  and first bisection in ``init`` (samples without a start finish there), the walk
+  in ``run_chunk``."""
+  image_shape = tuple(images.shape[1:])
+  find, first_bracket, chunk, draw_starts = _compiled(_static(oracle), settings,
+                                                      image_shape, mesh)
   walk_key = jax.random.fold_in(key, 1)
-  while len(live):
-    done_iterations = int(np.asarray(state.iteration).max())
-    remaining = settings.max_iterations - done_iterations
-    if remaining <= 0:
-      break
-    before = np.asarray(state.best_distance)
-    state, oracle_state = chunk(state, oracle_state, walk_key,
-                                iterations=min(settings.iterations_per_chunk,
-                                               remaining))
+
+  def init(ids, live, oracle_state):
+    group = index[ids]
+    original = jnp.asarray(images[group].reshape(len(group), -1))
+    ids_j = jnp.asarray(group, jnp.int32)
+    start, found, oracle_state = find(
+        oracle_state, original, jnp.asarray(labels[group]),
+        jnp.asarray(targets[group]),
+        draw_starts(jax.random.fold_in(key, 0), ids_j, pool), jnp.asarray(live))
     oracle_lib.check_budget(oracle, oracle_state)
-    after = np.asarray(state.best_distance)
-    stalled = after > (1.0 - settings.stop_tolerance) * before
-    if stalled.any():
-      finished.append((live[stalled], _host_rows(state, stalled)))
-      keep = np.flatnonzero(~stalled)
-      live = live[keep]
-      state = jax.tree_util.tree_map(lambda a, keep=keep: a[keep], state)
-  if len(live):
-    finished.append((live, _host_rows(state, np.ones(len(live), bool))))
-  # Reassemble the walked samples in row order.
-  order = np.concatenate([index for index, _ in finished])
-  merged = jax.tree_util.tree_map(lambda *a: np.concatenate(a),
-                                  *[rows_state for _, rows_state in finished])
-  merged = jax.tree_util.tree_map(lambda a: a[np.argsort(order)], merged)
-  queries[rows] = merged.queries
-  return merged, found, queries, rows, oracle_state
+    rows = np.flatnonzero(np.asarray(found))
+    empty = LabelOnlyState(
+        original=original, original_class=jnp.asarray(labels[group]),
+        target_class=jnp.asarray(targets[group]), sample_ids=ids_j,
+        inner=original, outer=original, distance=jnp.zeros(len(group)),
+        best_inner=original, best_outer=original, best_distance=jnp.zeros(len(group)),
+        best_iteration=jnp.zeros(len(group), jnp.int32),
+        checkpoint_distance=jnp.zeros(len(group)),
+        found=jnp.zeros(len(group), bool), iterations=jnp.zeros(len(group), jnp.int32),
+        queries=jnp.where(jnp.asarray(live), settings.start_queries(), 0).astype(
+            jnp.int32),
+        done=jnp.ones(len(group), bool))
+    if len(rows) == 0:
+      return empty, oracle_state
+    walked, oracle_state = first_bracket(
+        oracle_state, original[rows], jnp.asarray(labels[group[rows]]),
+        jnp.asarray(targets[group[rows]]), ids_j[rows], start[rows])
+    return jax.tree_util.tree_map(lambda a, b: a.at[rows].set(b), empty,
+                                  walked), oracle_state
 
+  def run_chunk(state, oracle_state):
+    return chunk(state, oracle_state, walk_key)
 
-def _host_rows(state: LabelOnlyState, rows) -> LabelOnlyState:
-  return jax.tree_util.tree_map(lambda a: np.asarray(a)[rows], state)
+  return scheduler.Pusher(init, run_chunk, settings.max_iterations, refill=False)
 
 
 def label_only_push(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
                     settings: LabelOnlySettings, *, start_images=None,
-                    oracle_state: oracle_lib.OracleState | None = None
-                    ) -> pushing.PushResult:
+                    oracle_state: oracle_lib.OracleState | None = None,
+                    mesh=None) -> pushing.PushResult:
   """Pushes the user's samples to the boundary with labels only (HopSkipJump).
 
   Args:
@@ -530,6 +526,8 @@ def label_only_push(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
     start_images: (M, H, W, C) images the user holds of another class (class B when
       targeted), for ``start='blend'``.
     oracle_state: the user's query count so far (default ``oracle.init()``).
+    mesh: the devices the samples are split over (default
+      ``devices.sample_mesh()``; one device runs the single-device program).
 
   Returns:
     ``pushing.PushResult``: ``iterations`` are walk iterations, ``crossed`` marks
@@ -568,83 +566,38 @@ def label_only_push(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
   else:
     pool = jnp.zeros((1, dim), jnp.float32)
   oracle_state = oracle.init() if oracle_state is None else oracle_state
-  first_query = int(oracle_state.queries)
-  predicted_before, oracle_state = labels_lib.oracle_predictions(
-      oracle, oracle_state, images, batch_size=settings.evaluation_batch_size)
-  start_status = np.full(count, "ok", dtype="<U16")
-  start_status[predicted_before != labels] = "misclassified"
+  clean, oracle_state = pushing.clean_query(
+      oracle, oracle_state, images, labels, target_class=settings.target_class,
+      batch_size=settings.evaluation_batch_size)
   targets = np.full(count, -1 if settings.target_class is None
                     else settings.target_class, np.int32)
-  if settings.targeted:
-    is_target = (start_status == "ok") & (labels == settings.target_class)
-    start_status[is_target] = "is_target"
-  attacked = start_status == "ok"
-
-  inner = np.full((count, dim), np.nan, np.float32)
-  outer = np.full((count, dim), np.nan, np.float32)
-  iteration = np.full(count, -1, np.int32)
+  inner = trajectory.empty(count, dim, np.nan)
+  outer = trajectory.empty(count, dim, np.nan)
+  inner, outer = (jax.tree_util.tree_map(np.array, inner),
+                  jax.tree_util.tree_map(np.array, outer))
   iterations = np.zeros(count, np.int32)
   crossed = np.zeros(count, bool)
   attack_queries = np.zeros(count, np.int32)
-  index = np.flatnonzero(attacked)
-  for begin in range(0, len(index), settings.sample_chunk_size):
-    group = index[begin:begin + settings.sample_chunk_size]
-    state, found, queries, rows, oracle_state = _attack_group(
-        oracle, oracle_state, images[group], labels[group], targets[group], group,
-        pool, key, settings, image_shape)
-    attack_queries[group] = queries
-    crossed[group] = found
-    if state is not None:
-      walked = group[rows]
-      inner[walked] = state.best_inner
-      outer[walked] = state.best_outer
-      iteration[walked] = state.best_iteration
-      iterations[walked] = state.iteration
-
-  evaluation_queries = np.ones(count, np.int32)
-  pushed = []
-  for chosen, within in ((inner, True), (outer, False)):
-    have = np.flatnonzero(crossed)
-    predicted = np.full(count, -1, np.int32)
-    if len(have):
-      if settings.verify:
-        predicted[have], oracle_state = labels_lib.oracle_predictions(
-            oracle, oracle_state, chosen[have].reshape((-1,) + image_shape),
-            batch_size=settings.evaluation_batch_size)
-        evaluation_queries[have] += 1
-    if not settings.verify:
-      verified = np.ones(count, bool)  # The bisection's own answers vouch for it.
-    elif within:
-      verified = predicted == labels
-    elif settings.targeted:
-      verified = predicted == settings.target_class
-    else:
-      verified = (predicted != labels) & (predicted >= 0)
-    l2 = np.linalg.norm(chosen - images.reshape(count, -1), axis=-1)
-    status = start_status.copy()
-    rules = [(~crossed, "no_crossing"), (~(l2 <= settings.max_l2), "l2_bound"),
-             (~verified, "verification")]
-    pending = status == "ok"
-    for failed, reason in rules:
-      status[pending & failed] = reason
-      pending &= ~failed
-    success = status == "ok"
-    submitted = labels_lib.submitted_labels(
-        settings.label_mode, original=labels, target=settings.target_class,
-        predicted=predicted)
-    pushed.append(pushing.Pushed(
-        images=np.where(success[:, None], chosen, np.nan).astype(
-            np.float32).reshape((-1,) + image_shape),
-        labels=np.where(success, submitted, -1).astype(np.int32),
-        l2=np.where(crossed, l2, np.nan).astype(np.float32),
-        predicted=predicted,
-        iteration=iteration, success=success, status=status))
-
-  return pushing.PushResult(
-      pushing_i=pushed[0], pushing_ii=pushed[1], original_labels=labels,
-      predicted_before=predicted_before, attacked=attacked, crossed=crossed,
-      iterations=iterations, attack_queries=attack_queries,
-      evaluation_queries=evaluation_queries,
-      queries=attack_queries + evaluation_queries,
-      oracle_queries=int(oracle_state.queries) - first_query,
-      oracle_state=oracle_state)
+  statistics = scheduler.statistics()
+  index = np.flatnonzero(clean.attacked)
+  if len(index):
+    mesh = devices_lib.sample_mesh() if mesh is None else mesh
+    mesh = mesh if devices_lib.is_sharded(mesh) else None
+    result = scheduler.schedule(
+        _pusher(oracle, images, labels, targets, index, pool, key, settings, mesh),
+        len(index), oracle=oracle, oracle_state=oracle_state,
+        slots=settings.sample_chunk_size, mesh=mesh)
+    state, oracle_state, statistics = result
+    attack_queries[index] = state.queries
+    crossed[index] = state.found
+    walked = index[state.found]
+    for iterate, image in ((inner, state.best_inner), (outer, state.best_outer)):
+      iterate.image[walked] = image[state.found]
+      iterate.iteration[walked] = state.best_iteration[state.found]
+    iterations[walked] = state.iterations[state.found]
+  original = images.reshape(count, -1)
+  chosen = tuple(iterate._replace(l2=np.linalg.norm(iterate.image - original, axis=-1))
+                 for iterate in (inner, outer))
+  return pushing.finish_push(oracle, oracle_state, images, labels, clean, chosen,
+                             settings, crossed=crossed, iterations=iterations,
+                             attack_queries=attack_queries, statistics=statistics)

@@ -23,6 +23,11 @@ query of the chosen image confirms its class (A for Pushing-I; not A, or B, for
 Pushing-II). A failed sample's image is NaN and its label -1: it cannot be submitted
 by mistake (the released code saved an arctanh-space image as a Pushing-I sample;
 docs/protocol.md §8.2).
+
+Every pusher shares the two ends of a push: ``clean_query`` (one counted query per
+original, the start status) and ``finish_push`` (verification queries, the status
+rules, the ``PushResult``); ZOO here and HopSkipJump in ``label_only.py`` supply
+only the chosen iterates.
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ import numpy as np
 
 from ounl_jax import oracle as oracle_lib
 from ounl_jax.attacks import labels as labels_lib
+from ounl_jax.attacks import scheduler
+from ounl_jax.attacks import trajectory
 from ounl_jax.attacks import zoo
+from ounl_jax.attacks import zoo_state
 
 PUSHING_I = ("last", "largest_l2")
 PUSHING_II = ("first_crossing", "smallest_l2")
@@ -46,21 +54,49 @@ STATUSES = ("ok", "misclassified", "is_target", "no_crossing", "crossed_at_start
 
 
 @dataclasses.dataclass(frozen=True)
-class PushSettings:
-  """How to push (defaults: untargeted, the paper's selections, released labels).
+class FinishSettings:
+  """How every push is finished (``clean_query``, ``finish_push``).
 
   Attributes:
+    target_class: class B for targeted pushing (Tables V-VI), None for untargeted.
+    max_l2: the L2 bound on ``||x' - x||_2`` in [-0.5, 0.5] units (20;
+      docs/protocol.md §8.1).
+    label_mode: submitted label: ``original`` (released default), ``prediction``
+      (the oracle's class for the pushed image) or ``target`` (class B;
+      docs/protocol.md §9).
+    verify: query the chosen images once more and require the expected class
+      (without it the attack's own answers vouch for them).
+    evaluation_batch_size: images per clean / verification query.
+  """
+
+  target_class: int | None = None
+  max_l2: float = 20.0
+  label_mode: str = "original"
+  verify: bool = True
+  evaluation_batch_size: int = 256
+
+  def __post_init__(self):
+    labels_lib.check_label_mode(self.label_mode,
+                                has_target=self.target_class is not None)
+    if not (math.isfinite(self.max_l2) and self.max_l2 > 0):
+      raise ValueError(f"max_l2 must be a positive finite number, got "
+                       f"{self.max_l2}.")
+
+  @property
+  def targeted(self) -> bool:
+    return self.target_class is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class PushSettings(FinishSettings):
+  """How to push (defaults: untargeted, the paper's selections, released labels).
+
+  Attributes (and ``FinishSettings``'):
     zoo: ZOO settings. ``push`` sets its ``targeted`` (from ``target_class``) and
       ``stop_at_first_crossing`` (``pushing_ii == 'first_crossing'``).
-    target_class: class B for targeted pushing (Tables V-VI), None for untargeted.
     pushing_i: ``last`` (the paper's x^(t-1)) or ``largest_l2`` (released code).
     pushing_ii: ``first_crossing`` (the paper's x^(t)) or ``smallest_l2``
       (released code; runs ZOO to the end).
-    max_l2: the L2 bound on ``||x' - x||_2`` in [-0.5, 0.5] units (20).
-    label_mode: submitted label: ``original`` (released default), ``prediction``
-      (the oracle's class for the pushed image) or ``target`` (class B).
-    verify: query the chosen images once more and require the expected class.
-    evaluation_batch_size: images per evaluation query.
     stop_margin: kappa of the adaptive stop against a boundary-margin detector
       (not in the paper; needs the default selections). With kappa > 0,
       Pushing-I is the first iterate inside A whose oracle probability margin
@@ -72,13 +108,8 @@ class PushSettings:
   """
 
   zoo: zoo.ZooSettings = dataclasses.field(default_factory=zoo.ZooSettings)
-  target_class: int | None = None
   pushing_i: str = "last"
   pushing_ii: str = "first_crossing"
-  max_l2: float = 20.0
-  label_mode: str = "original"
-  verify: bool = True
-  evaluation_batch_size: int = 256
   stop_margin: float = 0.0
 
   def __post_init__(self):
@@ -88,19 +119,11 @@ class PushSettings:
     if self.pushing_ii not in PUSHING_II:
       raise ValueError(f"Unknown Pushing-II selection {self.pushing_ii!r}; choose "
                        f"one of {PUSHING_II}.")
-    labels_lib.check_label_mode(self.label_mode,
-                                has_target=self.target_class is not None)
-    if not (math.isfinite(self.max_l2) and self.max_l2 > 0):
-      raise ValueError(f"max_l2 must be a positive finite number, got "
-                       f"{self.max_l2}.")
+    super().__post_init__()
     if self.stop_margin > 0 and (self.pushing_i, self.pushing_ii) != (
         "last", "first_crossing"):
       raise ValueError("stop_margin > 0 needs pushing_i='last' and "
                        "pushing_ii='first_crossing'.")
-
-  @property
-  def targeted(self) -> bool:
-    return self.target_class is not None
 
   def zoo_settings(self) -> zoo.ZooSettings:
     """The ZOO settings a push runs with."""
@@ -155,6 +178,7 @@ class PushResult(NamedTuple):
       ``queries.sum()`` (finished and padding rows are masked out, ``zoo``
       module doc).
     oracle_state: the oracle state after the push.
+    statistics: the host scheduler's ``scheduler.Statistics`` (slot occupancy).
   """
 
   pushing_i: Pushed
@@ -169,9 +193,11 @@ class PushResult(NamedTuple):
   queries: np.ndarray
   oracle_queries: int
   oracle_state: oracle_lib.OracleState
+  statistics: scheduler.Statistics
 
 
-def _chosen(state: zoo.ZooState, selection: str, stop_margin: float) -> zoo.Iterate:
+def _chosen(state: zoo_state.ZooState, selection: str,
+            stop_margin: float) -> trajectory.Iterate:
   if stop_margin > 0 and selection == "last":
     found = state.near_within.iteration >= 0
     return jax.tree_util.tree_map(
@@ -185,57 +211,121 @@ def _chosen(state: zoo.ZooState, selection: str, stop_margin: float) -> zoo.Iter
           "smallest_l2": state.closest_crossing}[selection]
 
 
-def _verify(oracle, oracle_state, iterate: zoo.Iterate, image_shape, settings):
-  """Re-queries the found iterates; returns their classes (-1 if none)."""
-  found = np.flatnonzero(iterate.iteration >= 0)
-  predicted = np.full(iterate.iteration.shape, -1, np.int32)
-  if not settings.verify:
-    predicted[found] = iterate.predicted[found]
-    return predicted, oracle_state, np.zeros(predicted.shape, np.int32)
-  images = iterate.image[found].reshape((-1,) + tuple(image_shape))
-  predicted[found], oracle_state = labels_lib.oracle_predictions(
-      oracle, oracle_state, images, batch_size=settings.evaluation_batch_size)
-  queries = np.zeros(predicted.shape, np.int32)
-  queries[found] = 1
-  return predicted, oracle_state, queries
+class Clean(NamedTuple):
+  """The clean query of the user's originals, before any pushing.
+
+  Attributes:
+    predicted_before: (N,) the oracle's class for the clean images.
+    start_status: (N,) ``ok``, ``misclassified`` or (targeted) ``is_target``.
+    attacked: (N,) bool, ``start_status == 'ok'``: the samples to push.
+    first_query: the oracle's count before the push.
+  """
+
+  predicted_before: np.ndarray
+  start_status: np.ndarray
+  attacked: np.ndarray
+  first_query: int
 
 
-def _status(start_status, crossed, iterate: zoo.Iterate, verified_ok, max_l2,
-            *, within: bool, margin: bool = False) -> np.ndarray:
-  status = start_status.copy()
-  pending = status == "ok"
-  found = iterate.iteration >= 0
-  missing = ("crossed_at_start" if within else "margin" if margin
-             else "no_crossing")
-  rules = [(np.logical_not(crossed), "no_crossing"),
-           (np.logical_not(found), missing),
-           (np.logical_not(iterate.l2 <= max_l2), "l2_bound"),
-           (np.logical_not(verified_ok), "verification")]
-  for failed, reason in rules:
-    status[pending & failed] = reason
-    pending &= np.logical_not(failed)
-  return status
+def clean_query(oracle: oracle_lib.Oracle, oracle_state, images, labels, *,
+                target_class: int | None, batch_size: int):
+  """One counted query per original; samples the model misclassifies (or already
+  predicts as B) are not pushed, as in the released code (docs/protocol.md §8.1).
+
+  Returns:
+    ``(Clean, oracle_state)``.
+  """
+  first_query = int(oracle_state.queries)
+  predicted_before, oracle_state = labels_lib.oracle_predictions(
+      oracle, oracle_state, images, batch_size=batch_size)
+  start_status = np.full(labels.shape, "ok", dtype="<U16")
+  start_status[predicted_before != labels] = "misclassified"
+  if target_class is not None:
+    start_status[(start_status == "ok") & (labels == target_class)] = "is_target"
+  return Clean(predicted_before, start_status, start_status == "ok",
+               first_query), oracle_state
 
 
-def _pushed(iterate: zoo.Iterate, status, predicted, original, settings,
-            image_shape) -> Pushed:
-  success = status == "ok"
-  images = np.where(success[:, None], iterate.image, np.nan).astype(np.float32)
-  labels = labels_lib.submitted_labels(settings.label_mode, original=original,
-                                       target=settings.target_class,
-                                       predicted=predicted)
-  found = iterate.iteration >= 0
-  return Pushed(images=images.reshape((-1,) + tuple(image_shape)),
-                labels=np.where(success, labels, -1).astype(np.int32),
-                l2=np.where(found, iterate.l2, np.nan).astype(np.float32),
-                predicted=predicted, iteration=iterate.iteration.astype(np.int32),
-                success=success, status=status)
+def finish_push(oracle: oracle_lib.Oracle, oracle_state, images, labels,
+                clean: Clean, chosen: tuple[trajectory.Iterate, trajectory.Iterate],
+                settings: FinishSettings, *, crossed, iterations, attack_queries,
+                statistics: scheduler.Statistics,
+                missing_ii: str = "no_crossing") -> PushResult:
+  """Verification, status rules and the ``PushResult`` of any pusher (module doc).
+
+  Args:
+    oracle, oracle_state: the service and the count after the attack.
+    images: (N, H, W, C) the originals; labels: (N,) class A.
+    clean: ``clean_query``'s answer.
+    chosen: the Pushing-I and Pushing-II ``trajectory.Iterate`` (numpy; a found
+      one has ``iteration >= 0``; ``predicted`` is the attack's own class for it,
+      -1 where it saw none).
+    settings: ``FinishSettings`` (``PushSettings``, ``LabelOnlySettings``).
+    crossed: (N,) bool, the attack crossed; iterations, attack_queries: (N,).
+    statistics: the scheduler's.
+    missing_ii: the status of a crossed sample without a Pushing-II iterate.
+
+  With ``verify`` each found image is queried once more (counted) and must be
+  predicted as A (Pushing-I), or not A / B (Pushing-II); without it the attack's
+  own answers vouch for it. A success also needs a crossing and ``l2 <= max_l2``.
+  """
+  image_shape = tuple(images.shape[1:])
+  evaluation_queries = np.ones(labels.shape, np.int32)
+  pushed = []
+  for iterate, within in zip(chosen, (True, False)):
+    found = np.flatnonzero(iterate.iteration >= 0)
+    predicted = np.full(labels.shape, -1, np.int32)
+    verified = np.ones(labels.shape, bool)
+    if settings.verify and len(found):
+      predicted[found], oracle_state = labels_lib.oracle_predictions(
+          oracle, oracle_state, iterate.image[found].reshape((-1,) + image_shape),
+          batch_size=settings.evaluation_batch_size)
+      evaluation_queries[found] += 1
+    elif not settings.verify:
+      predicted[found] = iterate.predicted[found]
+    if settings.verify and within:
+      verified = predicted == labels
+    elif settings.verify and settings.target_class is not None:
+      verified = predicted == settings.target_class
+    elif settings.verify:
+      verified = (predicted != labels) & (predicted >= 0)
+    status = clean.start_status.copy()
+    pending = status == "ok"
+    has = iterate.iteration >= 0
+    rules = [(np.logical_not(crossed), "no_crossing"),
+             (np.logical_not(has), "crossed_at_start" if within else missing_ii),
+             (np.logical_not(iterate.l2 <= settings.max_l2), "l2_bound"),
+             (np.logical_not(verified), "verification")]
+    for failed, reason in rules:
+      status[pending & failed] = reason
+      pending &= np.logical_not(failed)
+    success = status == "ok"
+    submitted = labels_lib.submitted_labels(
+        settings.label_mode, original=labels, target=settings.target_class,
+        predicted=predicted)
+    pushed.append(Pushed(
+        images=np.where(success[:, None], iterate.image, np.nan).astype(
+            np.float32).reshape((-1,) + image_shape),
+        labels=np.where(success, submitted, -1).astype(np.int32),
+        l2=np.where(has, iterate.l2, np.nan).astype(np.float32),
+        predicted=predicted, iteration=iterate.iteration.astype(np.int32),
+        success=success, status=status))
+  attack_queries = np.asarray(attack_queries, np.int32)
+  return PushResult(
+      pushing_i=pushed[0], pushing_ii=pushed[1], original_labels=labels,
+      predicted_before=clean.predicted_before, attacked=clean.attacked,
+      crossed=crossed & clean.attacked, iterations=iterations,
+      attack_queries=attack_queries, evaluation_queries=evaluation_queries,
+      queries=attack_queries + evaluation_queries,
+      oracle_queries=int(oracle_state.queries) - clean.first_query,
+      oracle_state=oracle_state, statistics=statistics)
 
 
 def push(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
          settings: PushSettings, *,
          oracle_state: oracle_lib.OracleState | None = None,
-         on_chunk: Callable[[zoo.ZooProgress], None] | None = None) -> PushResult:
+         on_chunk: Callable[[scheduler.Progress], None] | None = None
+         ) -> PushResult:
   """Pushes the user's samples to the boundary with black-box ZOO (Sec. III-C).
 
   Queries: one clean query per sample (samples the model misclassifies, or already
@@ -249,7 +339,7 @@ def push(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
       (``zoo.zoo_attack``).
     settings: ``PushSettings``.
     oracle_state: the user's query count so far (default ``oracle.init()``).
-    on_chunk: progress callback, called with a ``zoo.ZooProgress``.
+    on_chunk: progress callback, called with a ``scheduler.Progress``.
 
   Returns:
     ``PushResult``.
@@ -277,47 +367,18 @@ def push(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
   """
   images = np.asarray(images, np.float32)
   labels = np.asarray(labels, np.int32)
-  image_shape = images.shape[1:]
   oracle_state = oracle.init() if oracle_state is None else oracle_state
-  first_query = int(oracle_state.queries)
-  predicted_before, oracle_state = labels_lib.oracle_predictions(
-      oracle, oracle_state, images, batch_size=settings.evaluation_batch_size)
-  start_status = np.full(labels.shape, "ok", dtype="<U16")
-  start_status[predicted_before != labels] = "misclassified"
-  if settings.targeted:
-    is_target = (start_status == "ok") & (labels == settings.target_class)
-    start_status[is_target] = "is_target"
-  attacked = start_status == "ok"
-
+  clean, oracle_state = clean_query(oracle, oracle_state, images, labels,
+                                    target_class=settings.target_class,
+                                    batch_size=settings.evaluation_batch_size)
   result = zoo.zoo_attack(oracle, images, labels, key, settings.zoo_settings(),
-                          targets=settings.target_class, active=attacked,
+                          targets=settings.target_class, active=clean.attacked,
                           oracle_state=oracle_state, on_chunk=on_chunk)
-  state, oracle_state = result.state, result.oracle_state
-  evaluation_queries = np.ones(labels.shape, np.int32)
-  pushed = []
-  for selection, within in ((settings.pushing_i, True),
-                            (settings.pushing_ii, False)):
-    iterate = _chosen(state, selection, settings.stop_margin)
-    predicted, oracle_state, verify_queries = _verify(
-        oracle, oracle_state, iterate, image_shape, settings)
-    evaluation_queries += verify_queries
-    if within:
-      verified_ok = predicted == labels
-    elif settings.targeted:
-      verified_ok = predicted == settings.target_class
-    else:
-      verified_ok = (predicted != labels) & (predicted >= 0)
-    status = _status(start_status, state.crossed, iterate, verified_ok,
-                     settings.max_l2, within=within,
-                     margin=settings.stop_margin > 0)
-    pushed.append(_pushed(iterate, status, predicted, labels, settings, image_shape))
-
-  attack_queries = state.queries.astype(np.int32)
-  return PushResult(
-      pushing_i=pushed[0], pushing_ii=pushed[1], original_labels=labels,
-      predicted_before=predicted_before, attacked=attacked,
-      crossed=state.crossed & attacked, iterations=state.iterations,
-      attack_queries=attack_queries, evaluation_queries=evaluation_queries,
-      queries=attack_queries + evaluation_queries,
-      oracle_queries=int(oracle_state.queries) - first_query,
-      oracle_state=oracle_state)
+  state = result.state
+  chosen = (_chosen(state, settings.pushing_i, settings.stop_margin),
+            _chosen(state, settings.pushing_ii, settings.stop_margin))
+  return finish_push(oracle, result.oracle_state, images, labels, clean, chosen,
+                     settings, crossed=state.crossed, iterations=state.iterations,
+                     attack_queries=state.queries, statistics=result.statistics,
+                     missing_ii="margin" if settings.stop_margin > 0
+                     else "no_crossing")

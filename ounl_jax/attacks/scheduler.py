@@ -1,0 +1,315 @@
+"""The host scheduler every pusher runs on: a bounded batch of samples in flight.
+
+A pusher supplies only its maths, in optax's shape (``Pusher``): ``init`` starts
+samples (a NamedTuple state whose leaves lead with the samples axis and which
+carries the counters ``done`` and ``iterations``), ``run_chunk`` advances a batch by
+up to a chunk of iterations in one compiled call, finished rows masked (their state
+no longer changes and the oracle neither answers nor counts them). ``schedule`` is
+the host loop around them (ZOO, ``zoo.py``; HopSkipJump, ``label_only.py``):
+
+* at most ``slots`` samples are in flight (bounded memory);
+* between chunks it reports ``Progress``, collects finished samples and, with
+  ``refill``, fills their slots with waiting samples in one compiled call; once
+  none wait (or without ``refill``) it shrinks the batch, to a power of two with
+  ``refill`` (at most log2(slots) + 1 batch shapes) or to the live rows exactly
+  without it (whole groups of ``slots`` samples, one after the other);
+* samples that ``init`` already finishes (e.g. no start point) are collected
+  before any chunk runs on them;
+* on a multi-device mesh (``ounl_jax/devices.py``) the batch's rows are split over
+  the devices and every batch is a multiple of the device count (padding rows are
+  done, never counted); one device runs the single-device program.
+
+``Statistics.slot_occupancy`` is the share of the slot-iterations run that advanced
+a live sample: ``sum_calls sum_rows (iterations the row ran)`` over
+``sum_calls rows x (iterations the call ran)``. Padding, finished rows and rows
+waiting for the slowest row of a chunk lower it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ounl_jax import devices as devices_lib
+from ounl_jax import oracle as oracle_lib
+
+
+class Pusher(NamedTuple):
+  """A pushing algorithm's maths (no host logic).
+
+  Attributes:
+    init: ``init(ids, live, oracle_state) -> (state, oracle_state)``: the state of
+      samples ``ids`` ((R,) int, the scheduler's sample indices; rows where
+      ``live`` is False are padding and must start done, with no query). The
+      state's leaves lead with R; it has ``done`` (R,) bool and ``iterations``
+      (R,) int fields.
+    run_chunk: ``run_chunk(state, oracle_state) -> (state, oracle_state)``: up to
+      a chunk of iterations of every row that is not done (compiled).
+    max_iterations: per sample, for ``Progress``.
+    refill: fill finished slots with waiting samples while others run (ZOO);
+      False runs whole groups of ``slots`` samples one after the other.
+  """
+
+  init: Callable[[np.ndarray, np.ndarray, Any], tuple[Any, Any]]
+  run_chunk: Callable[[Any, Any], tuple[Any, Any]]
+  max_iterations: int
+  refill: bool = True
+
+
+class Progress(NamedTuple):
+  """What ``schedule`` reports after every chunk of iterations."""
+
+  samples_done: int
+  samples_total: int
+  iteration: int          # largest iteration count among the samples in the batch
+  max_iterations: int
+  batch_size: int         # samples in the compiled batch (padding included)
+  oracle_queries: int
+
+
+class Statistics(NamedTuple):
+  """How well the compiled batches were used (module doc).
+
+  Attributes:
+    calls: compiled chunk calls.
+    slot_iterations: ``sum_calls batch rows x iterations the call ran``.
+    busy_slot_iterations: ``sum_calls sum_rows iterations the row ran``.
+    slot_occupancy: ``busy_slot_iterations / slot_iterations`` (NaN if nothing
+      ran).
+  """
+
+  calls: int
+  slot_iterations: int
+  busy_slot_iterations: int
+  slot_occupancy: float
+
+
+def statistics(calls: int = 0, slot_iterations: int = 0,
+               busy_slot_iterations: int = 0) -> Statistics:
+  """``Statistics`` with the occupancy computed from the counts."""
+  occupancy = (busy_slot_iterations / slot_iterations if slot_iterations
+               else math.nan)
+  return Statistics(int(calls), int(slot_iterations), int(busy_slot_iterations),
+                    float(occupancy))
+
+
+class Schedule(NamedTuple):
+  """``state``: the final state of all samples as numpy, in sample order (PRNG key
+  leaves None); the oracle state after the last call; ``Statistics``."""
+
+  state: Any
+  oracle_state: oracle_lib.OracleState
+  statistics: Statistics
+
+
+def select_rows(mask, new, old):
+  """Per-sample select on pytrees whose leaves lead with the samples axis."""
+  def pick(a, b):
+    return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
+  return jax.tree_util.tree_map(pick, new, old)
+
+
+def run_steps(step, state, oracle_state, *, iterations: int, mesh=None):
+  """Up to ``iterations`` calls of ``step(state, oracle_state)`` in one
+  ``lax.while_loop``; stops as soon as every row is done (a pusher's chunk).
+
+  ``mesh``: a multi-device ``devices.sample_mesh`` keeps the state's rows split
+  over it; None on one device.
+  """
+
+  def running(carry):
+    state, _, i = carry
+    return (i < iterations) & jnp.any(jnp.logical_not(state.done))
+
+  def body(carry):
+    state, oracle_state, i = carry
+    state, oracle_state = step(state, oracle_state)
+    return devices_lib.constrain_rows(state, mesh), oracle_state, i + 1
+
+  state, oracle_state, _ = jax.lax.while_loop(
+      running, body, (state, oracle_state, jnp.zeros((), jnp.int32)))
+  return state, oracle_state
+
+
+def batch_size_for(count: int, slots: int, devices: int = 1) -> int:
+  """The compiled batch for ``count`` live samples: a power of two, at most ``slots``,
+  rounded up to a multiple of ``devices``.
+
+  Rounding to powers of two bounds the number of compilations by log2(slots) + 1
+  while the padding (done rows) stays below ``count`` (plus the rounding to the
+  device count; ``slots`` is itself a multiple of ``devices``).
+
+  >>> [batch_size_for(n, 64) for n in (1, 3, 4, 5, 33, 64)]
+  [1, 4, 4, 8, 64, 64]
+  >>> batch_size_for(3, 64, devices=3)
+  6
+  """
+  size = 1
+  while size < count:
+    size *= 2
+  size = min(size, slots)
+  return -(-size // devices) * devices
+
+
+def _is_key(leaf) -> bool:
+  return jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _to_host(state):
+  return jax.tree_util.tree_map(lambda a: None if _is_key(a) else np.asarray(a),
+                                state)
+
+
+def _host_rows(host, rows):
+  return jax.tree_util.tree_map(lambda a: a[rows], host)
+
+
+@jax.jit
+def _gather(batch, take):
+  """Row r of the result is ``batch``'s row ``take[r]`` (one compiled call)."""
+  return jax.tree_util.tree_map(lambda a: a[take], batch)
+
+
+@jax.jit
+def _refill(batch, take, fill, fresh):
+  """Row r is ``fresh``'s where ``fill[r]``, else ``batch``'s row ``take[r]``."""
+  return select_rows(fill, fresh, _gather(batch, take))
+
+
+def schedule(pusher: Pusher, count: int, *, oracle: oracle_lib.Oracle,
+             oracle_state: oracle_lib.OracleState, slots: int, active=None,
+             mesh=None, on_chunk: Callable[[Progress], None] | None = None
+             ) -> Schedule:
+  """Runs ``pusher`` on samples ``0 .. count - 1`` with at most ``slots`` in flight.
+
+  Args:
+    pusher: the algorithm (``Pusher``).
+    count: samples; ``pusher.init`` receives their indices.
+    oracle: checked for its budget after every compiled call.
+    oracle_state: the user's query count so far.
+    slots: samples in flight (rounded up to a multiple of the device count).
+    active: (count,) bool, samples to run (default all); the others are returned
+      as ``init`` makes them with ``live`` False.
+    mesh: ``devices.sample_mesh`` (None: one device).
+    on_chunk: called with a ``Progress`` after every compiled chunk.
+
+  Returns:
+    ``Schedule(state, oracle_state, statistics)``.
+
+  Example (a toy pusher: sample i needs i + 1 iterations, two per chunk):
+
+  >>> class Toy(NamedTuple):
+  ...   need: jax.Array
+  ...   iterations: jax.Array
+  ...   done: jax.Array
+  >>> def init(ids, live, oracle_state):
+  ...   ids = jnp.asarray(ids)
+  ...   return Toy(ids + 1, jnp.zeros_like(ids), ~jnp.asarray(live)), oracle_state
+  >>> @jax.jit
+  ... def run_chunk(state, oracle_state):
+  ...   for _ in range(2):
+  ...     iterations = state.iterations + ~state.done
+  ...     state = Toy(state.need, iterations, iterations >= state.need)
+  ...   return state, oracle_state
+  >>> from ounl_jax import oracle as oracle_lib
+  >>> toy_oracle = oracle_lib.make_oracle(lambda x: x, input_shape=(1,),
+  ...                                     num_classes=1)
+  >>> result = schedule(Pusher(init, run_chunk, max_iterations=4), 4,
+  ...                   oracle=toy_oracle, oracle_state=toy_oracle.init(), slots=2)
+  >>> result.state.iterations.tolist()
+  [1, 2, 3, 4]
+  >>> result.statistics.busy_slot_iterations, result.statistics.slot_iterations
+  (10, 12)
+  """
+  active = (np.ones((count,), bool) if active is None
+            else np.asarray(active, bool))
+  sharded = devices_lib.is_sharded(mesh)
+  devices = devices_lib.device_count(mesh) if sharded else 1
+  slots = -(-slots // devices) * devices
+  finished = []  # (sample ids, host state rows)
+  idle = np.flatnonzero(np.logical_not(active))
+  if len(idle):
+    state, oracle_state = pusher.init(idle, np.zeros(len(idle), bool), oracle_state)
+    finished.append((idle, _to_host(state)))
+  waiting = list(np.flatnonzero(active))
+  batch, rows = None, np.zeros((0,), np.int64)  # rows: sample id per row, -1 pad
+  done_count = len(idle)
+  calls = slot_iterations = busy = 0
+  while True:
+    live = np.zeros((0,), bool)
+    if batch is not None:
+      done = np.asarray(batch.done)
+      live = (rows >= 0) & np.logical_not(done)
+      over = np.flatnonzero((rows >= 0) & done)
+      if len(over):
+        finished.append((rows[over], _host_rows(_to_host(batch), over)))
+        done_count += len(over)
+        rows = np.where(done, -1, rows)
+    live_count = int(live.sum())
+    fresh = batch is None or (not pusher.refill and live_count == 0)
+    room = slots - live_count if pusher.refill or fresh else 0
+    new, waiting = waiting[:room], waiting[room:]
+    total = live_count + len(new)
+    if total == 0:
+      break
+    if pusher.refill and waiting:
+      size = slots
+    elif fresh or not pusher.refill:
+      size = -(-total // devices) * devices
+    else:  # Only ever shrink once nothing waits: no recompilation to grow.
+      size = min(len(rows), batch_size_for(total, slots, devices))
+    if fresh:
+      ids = np.concatenate([new, np.full(size - total, new[0])]).astype(np.int32)
+      batch, oracle_state = pusher.init(ids, np.arange(size) < total, oracle_state)
+      rows = np.concatenate([np.asarray(new, np.int64),
+                             np.full(size - total, -1, np.int64)])
+    elif new or size != len(rows):
+      keep = np.flatnonzero(live)
+      pad = np.flatnonzero(np.logical_not(live))
+      # Padding copies a done row (it never updates). With no done row every row
+      # is kept or filled, so keep[0] below is overwritten by a new sample.
+      take = jnp.asarray(np.concatenate(
+          [keep, np.full(size - len(keep), pad[0] if len(pad) else keep[0])]),
+          jnp.int32)
+      if new:
+        ids = np.zeros(size, np.int32)
+        ids[len(keep):total] = new
+        fill = np.zeros(size, bool)
+        fill[len(keep):total] = True
+        fresh_rows, oracle_state = pusher.init(ids, fill, oracle_state)
+        batch = _refill(batch, take, jnp.asarray(fill), fresh_rows)
+      else:
+        batch = _gather(batch, take)
+      rows = np.concatenate([rows[keep], np.asarray(new, np.int64),
+                             np.full(size - total, -1, np.int64)])
+    if new:
+      oracle_lib.check_budget(oracle, oracle_state)
+      if np.any((rows >= 0) & np.asarray(batch.done)):
+        continue  # Finished by ``init`` itself: collect before running.
+    if sharded:  # No copy when the layout is already right (every unchanged chunk).
+      batch = devices_lib.shard_rows(batch, mesh)
+      oracle_state = devices_lib.replicate(oracle_state, mesh)
+    before = np.asarray(batch.iterations)
+    batch, oracle_state = pusher.run_chunk(batch, oracle_state)
+    oracle_lib.check_budget(oracle, oracle_state)
+    after = np.asarray(batch.iterations)
+    advance = np.where(rows >= 0, after - before, 0)
+    calls += 1
+    slot_iterations += len(rows) * int(advance.max())
+    busy += int(advance.sum())
+    if on_chunk is not None:
+      now_done = int(np.sum((rows >= 0) & np.asarray(batch.done)))
+      on_chunk(Progress(done_count + now_done, count,
+                        int(np.max(np.where(rows >= 0, after, 0))),
+                        pusher.max_iterations, len(rows),
+                        int(oracle_state.queries)))
+  ids = np.concatenate([i for i, _ in finished])
+  merged = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs),
+                                  *[s for _, s in finished])
+  order = np.argsort(ids, kind="stable")
+  return Schedule(jax.tree_util.tree_map(lambda a: a[order], merged), oracle_state,
+                  statistics(calls, slot_iterations, busy))
