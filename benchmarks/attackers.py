@@ -12,7 +12,7 @@ order; N = 400, the paper's 10% of airplane) and compares, on exactly those ids:
   ``--zoo_max_iterations`` as the cpu preset);
 * ``label_only``: HopSkipJump-style pushing on labels only
   (``label_only.query_efficient_settings``; start images: the user's own
-  non-airplane validation images, as ``experiments.attackers.start_images``);
+  non-airplane validation images, as ``experiments.attacks.registry.start_images``);
 * ``white_box``: gradient through the server's first-order update
   (``unlearning_gradient``; its objective: the user's own validation airplanes);
 * ``transfer``: the same against a surrogate trained on the validation split.
@@ -48,7 +48,7 @@ import time
 import jax
 import numpy as np
 
-from experiments import common
+from experiments.run import records
 from ounl_jax import checkpoint
 from ounl_jax import data as data_lib
 from ounl_jax import evaluation
@@ -258,7 +258,7 @@ def label_only_settings(args) -> label_only.LabelOnlySettings:
 
 def metadata(args, config: dict) -> dict:
   """The experiments' stamp (versions, commit, command) plus this run's args."""
-  return {"args": vars(args), **common.run_metadata(config)}
+  return {"args": vars(args), **records.run_metadata(config)}
 
 
 def markdown(rows: list[dict], normal_a: float) -> str:

@@ -33,8 +33,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from experiments import cli
-from experiments import pipeline
+from experiments.setup import cli
+from experiments.run import pipeline
 from ounl_jax import evaluation
 from ounl_jax.unlearning import fine_tune
 

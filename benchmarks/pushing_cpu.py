@@ -22,9 +22,9 @@ import time
 import jax
 import numpy as np
 
-from experiments import common
-from experiments import presets
-from experiments import training
+from experiments.setup import configs
+from experiments.setup import scales
+from experiments.run import training
 from ounl_jax import data as data_lib
 from ounl_jax import models
 from ounl_jax import oracle as oracle_lib
@@ -69,8 +69,8 @@ def summary(method: pushing.Pushed, result: pushing.PushResult) -> dict:
 
 def main():
   args = parse_args()
-  config = common.TrainConfig(**{k: v for k, v in presets.get_scale("cpu").items()
-                                 if k in common.TrainConfig.__dataclass_fields__})
+  config = configs.TrainConfig(**{k: v for k, v in scales.get_scale("cpu").items()
+                                 if k in configs.TrainConfig.__dataclass_fields__})
   splits = training.load_splits(config)
   trained = training.train_or_restore(config, args.workdir, splits,
                                       show_progress=False)

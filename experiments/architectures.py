@@ -7,7 +7,7 @@ table: one model trained per architecture in ``WORKDIR/<model>``, pushing at 10%
 
 from absl import flags
 
-from experiments import cli
+from experiments.setup import cli
 from experiments import reproduce
 
 if __name__ == "__main__":

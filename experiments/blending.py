@@ -10,8 +10,8 @@ results.md and figures; the last line printed is the path of results.json.
 
 from absl import flags
 
-from experiments import cli
-from experiments import runner
+from experiments.setup import cli
+from experiments.run import runner
 
 
 def main(argv):

@@ -7,10 +7,11 @@ the trained model (``checkpoints/model/0``) and the push (``attack/pushed-<fp>.n
 or ``--pushed=PATH``); whatever is missing is trained / pushed as that script would.
 Blends the same user samples as ``experiments.blending``.
 
-Honest requests are training samples the user does not own, split (seeded) into a
-calibration half and an evaluation half. Each per-sample defence (exact and
-perceptual hash registry, boundary margin, membership loss) is calibrated at
-``--false_rejection_rate`` (1%) on the calibration half (JPEG-re-encoded by
+Honest requests are training samples the user does not own, split (seeded by
+``--defence_seed``) into a calibration half and an evaluation half. Each registered
+per-sample defence (``experiments/server/screens.py``: exact and perceptual hash
+registry, boundary margin, membership loss, and any registered by the caller) is
+calibrated at ``--false_rejection_rate`` (1%) on the calibration half (JPEG-re-encoded by
 default, since honest uploads may be re-encoded on the way; ``--calibrate_on=
 as_sent`` for bit-exact copies) and measured on:
 the evaluation half as submitted and after a JPEG-q75 re-encoding (false
@@ -21,7 +22,7 @@ requests of the attack's size refused under the default refuse-whole-request pol
 of the attack's size (bounds = the 1% quantile of their accuracy drops on the
 validation split) and run on each attack request through the service.
 
-Adaptive users (``experiments/adaptive_attacks.py``) join the attacks: pushes moved
+Adaptive users (``experiments/attacks/adaptive.py``) join the attacks: pushes moved
 to margin kappa (``--adaptive_kappas``) and requests mixing Pushing-II with the
 user's unmodified samples (``--mix_fractions``). For every screen and attack the
 server then drops the flagged samples and unlearns the rest: class-A and overall
@@ -41,14 +42,16 @@ import time
 
 from absl import flags
 
-from experiments import adaptive_attacks as adaptive
-from experiments import cli
-from experiments import common
-from experiments import configs
-from experiments import defence_report
-from experiments import defence_study as study
-from experiments import pipeline
-from experiments import validation
+from experiments.attacks import adaptive
+from experiments.setup import cli
+from experiments.run import errors
+from experiments.run import progress
+from experiments.run import records
+from experiments.setup import configs
+from experiments.studies.defences import report
+from experiments.studies.defences import measure as study
+from experiments.run import pipeline
+from experiments.setup import validation
 
 DefenceConfig = study.DefenceConfig
 
@@ -64,14 +67,17 @@ def measure(ctx: pipeline.Context, config: configs.ExperimentConfig,
       attacks["normal"], attacks["pushing_ii"], settings.mix_fractions))
   notes["sizes"] = {k: int(len(v[1])) for k, v in attacks.items()}
   calibration, evaluation = study.screens.honest_halves(
-      ctx.splits.train, user_ids, settings.honest_samples, settings.seed)
+      ctx.splits.train, user_ids, settings.honest_samples,
+      config.server.defence_seed)
   evaluation_jpeg = study.screens.jpeg_reencode(evaluation.images,
                                                 settings.jpeg_quality)
-  scorers, membership_fit = study.fit_sample_defences(
-      ctx, calibration, settings.false_rejection_rate)
+  scorers = study.fit_sample_defences(ctx, calibration,
+                                     config.server.false_rejection_rate)
   sample_results = study.sample_defence_results(
-      scorers, calibration, evaluation, evaluation_jpeg, attacks, settings)
-  screened = adaptive.after_screening(ctx, config, scorers, sample_results,
+      scorers, calibration, evaluation, evaluation_jpeg, attacks, settings,
+      config.server)
+  screened = adaptive.after_screening(ctx, config, {
+      name: scorer.score for name, scorer in scorers.items()}, sample_results,
                                       attacks)
   size = max(1, max(len(v[1]) for v in attacks.values()))
   guard = study.utility_guard_results(ctx, config, calibration, evaluation,
@@ -87,7 +93,6 @@ def measure(ctx: pipeline.Context, config: configs.ExperimentConfig,
       "honest": {"calibration": len(calibration), "evaluation": len(evaluation),
                  "source": "training samples the user does not own"},
       "sample_defences": sample_results,
-      "membership_fit": membership_fit,
       "utility_guard": guard,
       "after_screening": screened,
   }
@@ -96,72 +101,34 @@ def measure(ctx: pipeline.Context, config: configs.ExperimentConfig,
 def run(config: configs.ExperimentConfig, settings: DefenceConfig, workdir: str,
         *, data_dir: str | None = None, show_progress: bool = True) -> str:
   """Measures every defence against every attack; returns the json path."""
-  common.quiet_logs()
+  progress.quiet_logs()
   started = time.time()
   validation.check_experiment(config)
   validation.check_workdir(workdir)
   ctx = pipeline.prepare(config.train, workdir, data_dir=data_dir,
                          show_progress=show_progress)
   results = measure(ctx, config, settings, workdir, show_progress)
-  results.update(seconds=time.time() - started, **common.run_metadata(
+  results.update(seconds=time.time() - started, **records.run_metadata(
       {**config.to_dict(), "defence": settings.to_dict()}))
   os.makedirs(workdir, exist_ok=True)
-  defence_report.plot_roc(results, os.path.join(workdir, "defences_roc.png"))
+  report.plot_roc(results, os.path.join(workdir, "defences_roc.png"))
   adaptive.tradeoff_figure(results, os.path.join(workdir, "defences_tradeoff.png"))
   with open(os.path.join(workdir, "defences.md"), "w") as f:
-    f.write(defence_report.markdown(results))
-  return common.write_json(os.path.join(workdir, "defences.json"),
-                           defence_report.strip_arrays(results))
+    f.write(report.markdown(results))
+  return records.write_json(os.path.join(workdir, "defences.json"),
+                           report.strip_arrays(results))
 
 
 def define_flags(fv) -> None:
-  """The experiments' flags and this one's; defaults from ``DefenceConfig``."""
+  """The experiments' flags and this study's (``DefenceConfig``'s fields)."""
   cli.define_experiment_flags(fv)
-  default = DefenceConfig()
-  flags.DEFINE_float("false_rejection_rate", default.false_rejection_rate,
-                     "Honest samples each defence may reject (calibration).",
-                     flag_values=fv)
-  flags.DEFINE_integer("honest_samples", default.honest_samples,
-                       "Honest samples per half (calibration / evaluation).",
-                       flag_values=fv)
-  flags.DEFINE_integer("guard_requests", default.guard_requests,
-                       "Honest requests per half for the utility guard.",
-                       flag_values=fv)
-  flags.DEFINE_integer("jpeg_quality", default.jpeg_quality, "JPEG quality of "
-                       "the re-encoded honest requests.", flag_values=fv)
-  flags.DEFINE_enum("calibrate_on", default.calibrate_on, ["jpeg", "as_sent"],
-                    "Honest calibration samples: JPEG re-encoded or as sent.",
-                    flag_values=fv)
-  flags.DEFINE_integer("defence_seed", default.seed, "Seeds the honest halves "
-                       "and requests.", flag_values=fv)
-  flags.DEFINE_list("adaptive_kappas", [f"{k:g}" for k in default.adaptive_kappas],
-                    "Margins the adaptive (margin-evading) pushes keep.",
-                    flag_values=fv)
-  flags.DEFINE_list("mix_fractions", [f"{p:g}" for p in default.mix_fractions],
-                    "Pushing-II shares of the adaptive mixed requests.",
-                    flag_values=fv)
-  flags.DEFINE_string("pushed", default.pushed, "A pushed.npz to use (default: "
-                      "the push matching the flags in WORKDIR/attack, made if "
-                      "missing).", flag_values=fv)
-
-
-def _floats(values, name: str) -> tuple[float, ...]:
-  try:
-    return tuple(float(v) for v in values)
-  except ValueError:
-    raise common.UserError(f"--{name}={','.join(values)}: give numbers, e.g. "
-                           f"--{name}=0.1,0.3.") from None
+  cli.define_dataclass_flags(fv, DefenceConfig(),
+                             choices={"calibrate_on": study.CALIBRATE_ON})
 
 
 def main(argv, fv=flags.FLAGS):
   del argv
-  settings = DefenceConfig(
-      false_rejection_rate=fv.false_rejection_rate,
-      honest_samples=fv.honest_samples, guard_requests=fv.guard_requests,
-      jpeg_quality=fv.jpeg_quality, calibrate_on=fv.calibrate_on,
-      seed=fv.defence_seed, pushed=fv.pushed,
-      adaptive_kappas=_floats(fv.adaptive_kappas, "adaptive_kappas"),
-      mix_fractions=_floats(fv.mix_fractions, "mix_fractions"))
+  settings = cli.dataclass_from_flags(fv, DefenceConfig)
   path = run(cli.experiment_config(fv), settings, fv.workdir,
              data_dir=fv.data_dir, show_progress=fv.progress)
   with open(os.path.join(fv.workdir, "defences.md")) as f:

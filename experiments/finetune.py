@@ -7,8 +7,8 @@ the wrong classes and fine-tunes with SGD (docs/protocol.md §6).
 
 from absl import flags
 
-from experiments import cli
-from experiments import runner
+from experiments.setup import cli
+from experiments.run import runner
 
 
 def main(argv):

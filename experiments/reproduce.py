@@ -2,7 +2,7 @@
 
 ``python -m experiments.reproduce --table=IV --dataset=cifar10 --scale=cpu``
 
-Tables III-XII and the sweeps of Fig. 5, 8 and 10 (``experiments/paper_tables.py``
+Tables III-XII and the sweeps of Fig. 5, 8 and 10 (``experiments/reports/paper_tables.py``
 holds each grid and the paper's numbers). Table IV runs Eq. 13 as written and the
 released code's noise regime side by side.
 
@@ -22,14 +22,17 @@ import os
 
 from absl import flags
 
-from experiments import cli
-from experiments import common
-from experiments import configs
-from experiments import paper_tables
-from experiments import pipeline
-from experiments import reporting
-from experiments import runner
-from experiments import validation
+from experiments.setup import cli
+from experiments.run import errors
+from experiments.run import progress
+from experiments.run import records
+from experiments.setup import configs
+from experiments.setup import overrides
+from experiments.reports import paper_tables
+from experiments.run import pipeline
+from experiments.reports import run_report
+from experiments.run import runner
+from experiments.setup import validation
 
 
 def define_flags(fv, *, table: str = "IV") -> None:
@@ -52,7 +55,7 @@ def grid(table: str, points=None) -> list[tuple[str, dict]]:
   chosen = [(name, o) for name, o in everything
             if any(fnmatch.fnmatch(name, p) for p in points)]
   if not chosen:
-    raise common.UserError(
+    raise errors.UserError(
         f"--points={','.join(points)} matches no point of table {table}; its "
         f"points are {', '.join(name for name, _ in everything)}.")
   return chosen
@@ -67,8 +70,8 @@ def run_point(ctx: pipeline.Context, config: configs.ExperimentConfig,
   """
   path = os.path.join(directory, "results.json")
   if os.path.exists(path):
-    saved = common.read_json(path)
-    if saved.get("config") == common.to_jsonable(config.to_dict()):
+    saved = records.read_json(path)
+    if saved.get("config") == records.to_jsonable(config.to_dict()):
       return saved
   os.makedirs(directory, exist_ok=True)
   results = runner.run_experiment(ctx, config, model_dir,
@@ -94,10 +97,10 @@ def check(table: str, base: configs.ExperimentConfig, workdir: str,
   """Every grid point's settings, before any model is trained."""
   wanted = paper_tables.TABLES[table].dataset
   if wanted is not None and base.train.dataset != wanted:
-    raise common.UserError(f"--table={table} is the paper's {wanted} table; run "
+    raise errors.UserError(f"--table={table} is the paper's {wanted} table; run "
                            f"it with --dataset={wanted}.")
-  for _, overrides in grid(table, points):
-    validation.check_experiment(configs.override(base, **overrides))
+  for _, changes in grid(table, points):
+    validation.check_experiment(overrides.override(base, **changes))
   validation.check_workdir(workdir)
 
 
@@ -113,11 +116,11 @@ def measure(table: str, base: configs.ExperimentConfig, workdir: str, *,
     model_dir = workdir if len(models) == 1 else os.path.join(workdir, model)
     ctx = pipeline.prepare(train_config, model_dir, data_dir=data_dir,
                            show_progress=show_progress)
-    for point, overrides in common.progress(
+    for point, changes in progress.progress(
         grid(table, points), desc=f"table {table} ({model})",
         enabled=show_progress):
       name = point if len(models) == 1 else f"{model}/{point}"
-      config = configs.override(base, model=model, **overrides)
+      config = overrides.override(base, model=model, **changes)
       measured[model if spec.models else name] = run_point(
           ctx, config, os.path.join(root, name), model_dir, show_progress)
   return measured
@@ -127,7 +130,7 @@ def run(table: str, base: configs.ExperimentConfig, workdir: str, *,
         data_dir: str | None = None, show_progress: bool = True,
         points=None) -> str:
   """Runs (or reuses) the table's grid; writes and returns ``report.md``'s path."""
-  common.quiet_logs()
+  progress.quiet_logs()
   check(table, base, workdir, points)
   measured = measure(table, base, workdir, data_dir=data_dir,
                      show_progress=show_progress, points=points)
@@ -135,7 +138,7 @@ def run(table: str, base: configs.ExperimentConfig, workdir: str, *,
   lines = report(table, base.train.dataset, measured)
   os.makedirs(root, exist_ok=True)
   if table in ("fig8", "fig10"):
-    reporting.sweep_figure(measured, os.path.join(root, f"{table}.png"))
+    run_report.sweep_figure(measured, os.path.join(root, f"{table}.png"))
     lines += [f"![{table}]({table}.png)", ""]
   path = os.path.join(root, "report.md")
   with open(path, "w") as f:

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
-from absl import app
 from absl import flags
 import jax
 
-from experiments import common
-from experiments import stealthiness_data as data
-from experiments import stealthiness_report as report
+from experiments.run import errors
+from experiments.run import progress
+from experiments.run import records
+from experiments.setup import cli
+from experiments.studies.stealthiness import measure as data
+from experiments.studies.stealthiness import report
 from ounl_jax import stealthiness
 
 METHODS, PAPER, NO_LPIPS_WEIGHTS = data.METHODS, data.PAPER, data.NO_LPIPS_WEIGHTS
@@ -35,31 +36,36 @@ METHODS, PAPER, NO_LPIPS_WEIGHTS = data.METHODS, data.PAPER, data.NO_LPIPS_WEIGH
 
 @dataclasses.dataclass(frozen=True)
 class StealthinessConfig:
-  """This experiment's config (Table XIII: 50 pairs per method)."""
+  """This experiment's config (Table XIII: 50 pairs per method).
 
-  pushed: str | None = None            # None: WORKDIR/attack/pushed.npz.
-  lpips_weights: str | None = None     # Without them LPIPS is not reported.
+  Attributes:
+    pushed: the pushed samples (.npz of experiments.pushing); None:
+      WORKDIR/attack/pushed.npz.
+    lpips_weights: pretrained LPIPS-alex weights (.npz; see
+      ounl_jax.stealthiness.load_lpips_weights). Without them LPIPS is not
+      reported.
+    num_pairs: pairs drawn per method (the paper: 50).
+    seed: seeds the choice of pairs.
+  """
+
+  pushed: str | None = None
+  lpips_weights: str | None = None
   num_pairs: int = 50
   seed: int = 0
 
+  def __post_init__(self):
+    if self.num_pairs < 1:
+      raise ValueError(f"num_pairs must be >= 1, got {self.num_pairs}.")
+
 
 def define_flags(fv) -> None:
-  """This script's flags (entry module only); defaults from the config."""
-  default = StealthinessConfig()
-  flags.DEFINE_string("pushed", default.pushed, "The pushed samples (.npz of "
-                      "experiments.pushing); default WORKDIR/attack/pushed.npz.",
-                      flag_values=fv)
-  flags.DEFINE_string("lpips_weights", default.lpips_weights,
-                      "Pretrained LPIPS-alex weights (.npz; see "
-                      "ounl_jax.stealthiness.load_lpips_weights). Without them "
-                      "LPIPS is not reported.", flag_values=fv)
-  flags.DEFINE_integer("num_pairs", default.num_pairs, "Pairs drawn per method "
-                       "(the paper: 50).", flag_values=fv)
-  flags.DEFINE_integer("seed", default.seed, "Seeds the choice of pairs.",
-                       flag_values=fv)
+  """This script's flags (entry module only): the config's fields, the workdir."""
+  cli.define_dataclass_flags(fv, StealthinessConfig())
   flags.DEFINE_string("workdir", "./runs/default", "Folder holding "
                       "attack/pushed.npz; results are written here.",
                       flag_values=fv)
+  flags.DEFINE_bool("debug", False, "Show the full traceback of a user error "
+                    "instead of its one-line message.", flag_values=fv)
 
 
 def run(config: StealthinessConfig, workdir: str) -> str:
@@ -110,23 +116,23 @@ def run(config: StealthinessConfig, workdir: str) -> str:
       "methods": methods,
       "paper": {"table": "XIII", "dataset": "cifar10", "pairs": 50, **PAPER},
       "files": files,
-      "metadata": common.run_metadata(config),
+      "metadata": records.run_metadata(config),
   }
   report.plot_examples(arrays, files["figure"])
   with open(files["markdown"], "w") as f:
     f.write(report.markdown(results))
-  return common.write_json(files["json"], results)
+  return records.write_json(files["json"], results)
 
 
 def main(argv, fv=flags.FLAGS):
   del argv
-  common.quiet_logs()
-  config = StealthinessConfig(fv.pushed, fv.lpips_weights, fv.num_pairs, fv.seed)
+  progress.quiet_logs()
+  config = cli.dataclass_from_flags(fv, StealthinessConfig)
   try:
     path = run(config, fv.workdir)
   except (FileNotFoundError, ValueError) as error:
-    sys.exit(f"error: {error}")
-  measured = common.read_json(path)["methods"]
+    raise errors.UserError(str(error)) from None
+  measured = records.read_json(path)["methods"]
   for method, (name, _, _) in METHODS.items():
     entry = measured[method]
     print(f"{name}: SSIM {report.cell(entry['ssim'])}, LPIPS "
@@ -138,4 +144,4 @@ def main(argv, fv=flags.FLAGS):
 
 if __name__ == "__main__":
   define_flags(flags.FLAGS)
-  app.run(main)
+  cli.run_main(main)

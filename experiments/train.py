@@ -7,17 +7,17 @@ and checkpoints; an interrupted run resumes where it stopped.
 
 from absl import flags
 
-from experiments import cli
-from experiments import common
-from experiments import configs
-from experiments import training
-from experiments import validation
+from experiments.setup import cli
+from experiments.run import progress
+from experiments.setup import configs
+from experiments.run import training
+from experiments.setup import validation
 
 
 def run(config: configs.TrainConfig, workdir: str, *, data_dir: str | None = None,
         show_progress: bool = True) -> training.TrainedModel:
   """Checks the config and the workdir, then trains (or reuses) the model."""
-  common.quiet_logs()
+  progress.quiet_logs()
   validation.check_train(config)
   validation.check_workdir(workdir)
   splits = training.load_splits(config, data_dir)

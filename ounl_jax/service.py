@@ -406,7 +406,8 @@ class UnlearningService:
   """
 
   def __init__(self, model: models.Model, variables, test_set: data_lib.LabelledImages,
-               *, key: jax.Array, method: str = "first_order",
+               *, key: jax.Array,
+               method: str | unlearning.Method = "first_order",
                settings: Any = None, output: str = "probabilities",
                limits: RequestLimits = RequestLimits(),
                screens: Sequence[screening_lib.Screen] = (),
@@ -419,7 +420,8 @@ class UnlearningService:
       variables: its trained ``{'params', 'batch_stats'}`` (kept private).
       test_set: the server's own labelled test set (for ``evaluate``).
       key: the server's randomness; request k uses ``fold_in(key, k)``.
-      method: ``first_order`` (default), ``fine_tune`` or ``gradient_ascent``.
+      method: ``first_order`` (default), ``fine_tune`` or ``gradient_ascent``,
+        or any ``unlearning.Method`` (a method of the caller's own).
       settings: the method's settings; None takes the released code's defaults.
       output: ``probabilities`` (the paper's API) or ``labels``.
       limits: request size and duplicate policy (``RequestLimits``).
@@ -440,7 +442,8 @@ class UnlearningService:
     if output not in oracle_lib.OUTPUTS:
       raise ValueError(f"Unknown output {output!r}; choose one of "
                        f"{oracle_lib.OUTPUTS}.")
-    self._method = unlearning.get_method(method)
+    self._method = (method if isinstance(method, unlearning.Method)
+                    else unlearning.get_method(method))
     self._settings = (self._method.settings_class() if settings is None
                       else settings)
     if not isinstance(self._settings, self._method.settings_class):

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import common
-from experiments import training
+from experiments.setup import configs
+from experiments.run import training
 from ounl_jax import checkpoint
 from ounl_jax import train as train_lib
 from tests.test_train import random_splits
@@ -112,7 +112,7 @@ def test_training_resumes_past_a_corrupt_epoch_checkpoint(tmp_path, capsys):
   # Epoch checkpoints 0 and 1 as training writes them, with distinct best weights;
   # epoch 1's gets corrupted. With epochs=1 the resumed run has nothing left to
   # train, so its final model is epoch 0's best weights (no training compile).
-  config = common.TrainConfig(dataset="cifar10", model="vgg3", width=4, epochs=1,
+  config = configs.TrainConfig(dataset="cifar10", model="vgg3", width=4, epochs=1,
                               patience=5, batch_size=32)
   model = training.build_model(config)
   state = train_lib.init_train_state(model.init(jax.random.key(5)),

@@ -363,12 +363,14 @@ def mock_cifar10(monkeypatch, tmp_path):
 
 @pytest.mark.heavy  # About 25 s of CPU (training and unlearning compiles).
 def test_defences_experiment_writes_its_table_on_mock_data(mock_cifar10):
-  from experiments import configs  # pylint: disable=g-import-not-at-top
-  from experiments import defence_report  # pylint: disable=g-import-not-at-top
+  from experiments.setup import configs  # pylint: disable=g-import-not-at-top
+  from experiments.setup import overrides  # pylint: disable=g-import-not-at-top
+  from experiments.server import screens  # pylint: disable=g-import-not-at-top
+  from experiments.studies.defences import report  # pylint: disable=g-import-not-at-top
   from experiments import defences as experiment  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
   workdir = mock_cifar10 / "run"
-  config = configs.override(
+  config = overrides.override(
       configs.ExperimentConfig(), width=2, epochs=1, patience=1,
       max_train_per_class=12, max_test_per_class=4, fraction=0.5, max_samples=4,
       max_iterations=10, iterations_per_chunk=10)
@@ -390,11 +392,11 @@ def test_defences_experiment_writes_its_table_on_mock_data(mock_cifar10):
   path = experiment.run(config, settings, str(workdir), show_progress=False)
   assert path == str(workdir / "defences.json")
   results = json.loads((workdir / "defences.json").read_text())
-  assert set(results["sample_defences"]) == set(defence_report.SAMPLE_DEFENCES)
+  assert set(results["sample_defences"]) == set(screens.DEFENCES)
   for entry in results["sample_defences"].values():
     assert entry["calibration_false_rejection"] <= 0.01 + 1e-9
     assert set(entry["attacks"]) == {
-        "normal", *defence_report.ATTACKS, "pushing_i_kappa0.1",
+        "normal", *report.ATTACKS, "pushing_i_kappa0.1",
         "pushing_ii_kappa0.1", "mixed_0.5"}
     assert "scores" not in entry["attacks"]["blending"]
   # Honest halves are disjoint from each other and from the user's samples.

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments import cli
-from experiments import common
-from experiments import configs
+from experiments.setup import cli
+from experiments.run import errors
+from experiments.setup import configs
 from experiments import reproduce
-from experiments import runner
+from experiments.run import runner
 from ounl_jax import data as data_lib
 from tests.conftest import mock_prepared_folder
 from tests.conftest import real_data_dir
@@ -175,7 +175,7 @@ def test_table_vi_runs_on_cifar100_up_to_the_push(mock_cifar100):
   # with the one-line reason, not a KeyError or an empty results file.
   fv = parse_table(mock_cifar100 / "run", "--table=VI", "--dataset=cifar100",
                    "--max_iterations=10", "--iterations_per_chunk=10")
-  with pytest.raises(common.UserError, match="misclassifies all"):
+  with pytest.raises(errors.UserError, match="misclassifies all"):
     reproduce.main([], fv)
   assert not list((mock_cifar100 / "run").glob("table_VI/*/results.json"))
 

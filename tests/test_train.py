@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import common
-from experiments import training
+from experiments.setup import configs
+from experiments.run import training
 from ounl_jax import checkpoint
 from ounl_jax import data as data_lib
 from ounl_jax import train as train_lib
@@ -28,7 +28,7 @@ def random_splits(seed=0, n=256, classes=10):
   return data_lib.Splits(split(n, 0), split(64, n), split(64, 2 * n))
 
 
-SMOKE = common.TrainConfig(dataset="cifar10", model="vgg3", width=4, epochs=3,
+SMOKE = configs.TrainConfig(dataset="cifar10", model="vgg3", width=4, epochs=3,
                            patience=5, batch_size=32)
 
 
@@ -99,7 +99,7 @@ def trained_workdir(tmp_path_factory):
 def test_workdir_of_another_config_is_refused(trained_workdir):
   splits = random_splits()
   tmp_path = trained_workdir
-  other = common.TrainConfig(**{**SMOKE.to_dict(), "width": 8})
+  other = configs.TrainConfig(**{**SMOKE.to_dict(), "width": 8})
   with pytest.raises(ValueError, match="another configuration"):
     training.train_or_restore(other, str(tmp_path), splits, show_progress=False)
 

@@ -28,6 +28,7 @@ docs/protocol.md §8.2).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -89,6 +90,9 @@ class PushSettings:
                        f"one of {PUSHING_II}.")
     labels_lib.check_label_mode(self.label_mode,
                                 has_target=self.target_class is not None)
+    if not (math.isfinite(self.max_l2) and self.max_l2 > 0):
+      raise ValueError(f"max_l2 must be a positive finite number, got "
+                       f"{self.max_l2}.")
     if self.stop_margin > 0 and (self.pushing_i, self.pushing_ii) != (
         "last", "first_crossing"):
       raise ValueError("stop_margin > 0 needs pushing_i='last' and "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,9 @@ class FineTuneSettings:
     if self.epochs < 1 or self.batch_size < 1:
       raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} "
                        f"and {self.batch_size}.")
+    if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+      raise ValueError(f"learning_rate must be a positive finite number, got "
+                       f"{self.learning_rate}.")
 
 
 def random_wrong_labels(key: jax.Array, labels: jax.Array,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -97,6 +98,8 @@ class FirstOrderSettings:
       raise ValueError(f"tau must be > 0, got {self.tau} (a negative tau reverses "
                        "the update, teaching the samples instead of unlearning "
                        "them).")
+    if not math.isfinite(self.tau):
+      raise ValueError(f"tau must be finite, got {self.tau}.")
 
 
 def distinct_replacements(key: jax.Array, images: jax.Array, *, replacement: str,
