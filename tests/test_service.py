@@ -114,8 +114,10 @@ def test_predict_validates_images(setup):
 
 
 def test_divergence_keeps_the_model(setup):
+  # tau=inf is refused by FirstOrderSettings since the reorg; near the largest
+  # float32, the updated model answers inf/NaN and the probe refuses it.
   service = make_service(setup, settings=unlearning.FirstOrderSettings(
-      tau=float("inf")))
+      tau=3e38))
   x = setup[2].images
   before = service.predict(x)
   with pytest.raises(service_lib.UnlearningDiverged, match="unchanged"):
