@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import sys
 from typing import Any, NamedTuple
 
@@ -61,11 +62,36 @@ def save(directory: str, step: int, tree: Any, *, max_to_keep: int = 2) -> None:
   checkpoint (because a newer one was corrupt) re-trains and re-saves that step.
   """
   tree = jax.tree_util.tree_map(np.asarray, tree)
+  _check_free_space(directory, step, tree)
   with _manager(directory, max_to_keep) as manager:
     if step in manager.all_steps():
       manager.delete(step)
     manager.save(step, args=ocp.args.StandardSave(tree), force=True)
     manager.wait_until_finished()
+
+
+# Orbax's metadata and temporary folders on top of the arrays' bytes.
+_SAVE_SLACK_BYTES = 1 << 20
+
+
+def _check_free_space(directory: str, step: int, tree: Any) -> None:
+  """``CheckpointError`` before orbax starts when the disk cannot hold the save.
+
+  Orbax writes from worker threads; on a full disk each of them logs its own
+  traceback before the save fails, so the space is checked first.
+  """
+  needed = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree))
+  needed = 2 * needed + _SAVE_SLACK_BYTES
+  existing = os.path.abspath(directory)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  free = shutil.disk_usage(existing).free
+  if free < needed:
+    raise CheckpointError(
+        f"No space left on device for checkpoint {step} in {directory}: "
+        f"{free / 2**20:.1f} MiB free, about {needed / 2**20:.1f} MiB needed. "
+        "Free some space (or use another --workdir) and rerun: training resumes "
+        "from the last checkpoint saved.")
 
 
 def latest_step(directory: str) -> int | None:

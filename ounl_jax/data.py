@@ -225,8 +225,18 @@ def check_array_record(folder: str) -> None:
   Raises:
     DataFormatError: naming the folder and the exact conversion command.
   """
-  with open(os.path.join(folder, "dataset_info.json")) as f:
-    file_format = json.load(f).get("fileFormat", "tfrecord")
+  info_path = os.path.join(folder, "dataset_info.json")
+  try:
+    with open(info_path) as f:
+      info = json.load(f)
+    if not isinstance(info, dict):
+      raise ValueError(f"a JSON {type(info).__name__}, not an object")
+  except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError included
+    raise DataCorruptError(
+        f"{info_path} is not valid TFDS dataset information ({error}); it was "
+        "cut short or edited. Copy the dataset folder again, or rebuild it "
+        "(WORKSPACE.md, 'Preparing a dataset').") from error
+  file_format = info.get("fileFormat", "tfrecord")
   if file_format == "array_record":
     return
   root = os.path.dirname(os.path.dirname(folder))

@@ -8,7 +8,9 @@
   model's correct count (878 airplanes in the paper).
 
 The metric functions are pure numpy over label arrays; ``predict_labels`` is the one
-host loop, over the jitted evaluation step of ``ounl_jax.train``.
+host loop, over the jitted evaluation step of ``ounl_jax.train``. A model whose
+logits are NaN or infinite has no predictions (the argmax of NaN is class 0, which
+would read as accuracy on class 0): ``predict_labels`` raises ``NonFiniteOutputs``.
 """
 
 from __future__ import annotations
@@ -22,13 +24,28 @@ from ounl_jax import models
 from ounl_jax import train as train_lib
 
 
+class NonFiniteOutputs(ValueError):
+  """The model answers NaN or infinite logits: it has no predictions."""
+
+
 def predict_labels(model: models.Model, variables, images: np.ndarray, *,
                    batch_size: int = 500) -> np.ndarray:
-  """Inference-mode predicted labels, in fixed-size batches."""
+  """Inference-mode predicted labels, in fixed-size batches.
+
+  Raises:
+    NonFiniteOutputs: some logits are NaN or infinite (read from the batch loss,
+      so it costs nothing more).
+  """
   images = np.asarray(images, np.float32)
   labels = np.zeros(len(images), np.int32)
-  return train_lib.evaluate(_eval_step(model), variables, images, labels,
-                            batch_size=batch_size).predictions
+  result = train_lib.evaluate(_eval_step(model), variables, images, labels,
+                              batch_size=batch_size)
+  if not np.isfinite(result.loss):
+    raise NonFiniteOutputs(
+        f"The model answers NaN or infinite logits on some of {len(images)} "
+        "images; it has no predictions to measure (the unlearning diverged: "
+        "lower tau or the learning rate).")
+  return result.predictions
 
 
 @functools.lru_cache(maxsize=16)

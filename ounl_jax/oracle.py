@@ -34,6 +34,15 @@ Mask. ``query(state, images, mask)`` answers and counts only the images whose
 validated (padding rows may hold anything). The server still evaluates the whole
 fixed-shape batch, so a masked row costs compute but no query.
 
+Size cap: when ``max_query_images`` is set (the service passes its
+``RequestLimits.max_request_images``), an eager query of more images raises
+``QueryTooLarge`` before anything is copied or converted. The size, the dtype,
+the shape and the budget are all checked before the batch is converted to a
+float32 host array, so a refused query costs no memory. Inside ``jit`` a batch is
+the compiled attack's own fixed-shape batch (many API calls fused into one
+program, e.g. ZOO's 257 probes per sample and iteration), so the cap does not
+apply there; every image still counts against the budget.
+
 Budget: when ``budget`` is set, a query that would exceed it raises
 ``QueryBudgetExceeded`` when called eagerly. Inside ``jit`` the over-budget answers
 are NaN (probabilities) or -1 (labels), nothing more is counted, and
@@ -57,6 +66,22 @@ PIXEL_TOLERANCE = 1e-6
 
 class QueryBudgetExceeded(RuntimeError):
   """The user asked for more predictions than the service allows."""
+
+
+class QueryTooLarge(ValueError):
+  """One eager query holds more images than the server answers at once."""
+
+
+def _row_count(images) -> int:
+  """The number of images, read without converting (copying) anything."""
+  shape = getattr(images, "shape", None)
+  if shape is not None:
+    return int(shape[0]) if len(shape) else 0
+  try:
+    return len(images)
+  except TypeError as error:
+    raise ValueError(f"The oracle takes an array of images (N, H, W, C), got "
+                     f"{type(images).__name__}.") from error
 
 
 class ServerHandle:
@@ -165,9 +190,21 @@ class Query:
   budget: int | None
   input_shape: tuple[int, ...]
   num_classes: int
+  max_query_images: int | None = None
+
+  def _check_size(self, images) -> None:
+    """``QueryTooLarge`` above the cap, read from the shape (no copy)."""
+    count = _row_count(images)
+    if self.max_query_images is not None and count > self.max_query_images:
+      raise QueryTooLarge(
+          f"Query of {count} images exceeds this server's limit of "
+          f"{self.max_query_images} images per query; split it into several "
+          "queries. Nothing was counted.")
 
   def _images(self, images):
-    dtype = images.dtype if hasattr(images, "dtype") else np.asarray(images).dtype
+    if not hasattr(images, "dtype"):  # A list: size checked, the copy is bounded.
+      images = np.asarray(images)
+    dtype = images.dtype
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(f"The oracle takes float images in [-0.5, 0.5]; got dtype "
                        f"{dtype}. Send x.astype(np.float32) / 255 - 0.5.")
@@ -177,24 +214,27 @@ class Query:
     return images
 
   def __call__(self, state: OracleState, images, mask=None):
+    traced = _is_traced(state, images, mask)
+    if not traced:  # Size first, before anything is converted or copied.
+      self._check_size(images)
     images = self._images(images)
     count = images.shape[0]
     if count == 0:  # Nothing sent, nothing answered, nothing counted.
       empty = (jnp.zeros((0,), jnp.int32) if self.output == "labels"
                else jnp.zeros((0, self.num_classes), jnp.float32))
       return empty, state
-    if _is_traced(state, images, mask):
+    if traced:
       return self.answer(state, jnp.asarray(images, jnp.float32), mask)
-    host = np.asarray(images, np.float32)
     sent = (np.ones((count,), bool) if mask is None
             else np.broadcast_to(np.asarray(mask, bool), (count,)))
-    _check_pixels_eagerly(host, sent)
-    if self.budget is not None:
+    if self.budget is not None:  # Before the batch is converted.
       requested = int(sent.sum())
       if bool(state.exceeded) or int(state.queries) + requested > self.budget:
         raise QueryBudgetExceeded(
             f"Query budget of {self.budget} images exceeded: {int(state.queries)} "
             f"answered, {requested} more requested.")
+    host = np.asarray(images, np.float32)
+    _check_pixels_eagerly(host, sent)
     return _answer_compiled(self, state, host, sent)
 
   def answer(self, state: OracleState, images: jax.Array, mask=None):
@@ -273,7 +313,8 @@ class Oracle(NamedTuple):
 def make_oracle(apply: Callable, parameters: Any = None, *,
                 input_shape: tuple[int, ...], num_classes: int,
                 output: str = "probabilities",
-                budget: int | None = None) -> Oracle:
+                budget: int | None = None,
+                max_query_images: int | None = None) -> Oracle:
   """Wraps a prediction function as a counted oracle.
 
   Args:
@@ -286,6 +327,9 @@ def make_oracle(apply: Callable, parameters: Any = None, *,
     num_classes: number of classes K.
     output: ``'probabilities'`` (default, the paper's setting) or ``'labels'``.
     budget: optional maximum number of images answered in total.
+    max_query_images: optional maximum number of images in one eager query
+      (``QueryTooLarge`` above it, checked before any copy); not applied inside
+      ``jit`` (see the module docstring).
 
   Example (a tiny model):
 
@@ -305,9 +349,12 @@ def make_oracle(apply: Callable, parameters: Any = None, *,
     raise ValueError(f"Unknown oracle output {output!r}; choose one of {OUTPUTS}.")
   if budget is not None and budget < 0:
     raise ValueError(f"Query budget must be >= 0, got {budget}.")
+  if max_query_images is not None and max_query_images < 1:
+    raise ValueError(f"max_query_images must be >= 1, got {max_query_images}.")
   if parameters is None:
     apply = _Closure(apply)
-  query = Query(apply, output, budget, tuple(input_shape), num_classes)
+  query = Query(apply, output, budget, tuple(input_shape), num_classes,
+                max_query_images)
   return Oracle(_Init(parameters), query, output, budget, tuple(input_shape),
                 num_classes)
 

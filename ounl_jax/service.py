@@ -21,6 +21,29 @@ images (send float32 ``x / 255 - 0.5``), and, by default, an unlearning request 
 holds the same image twice. Defences (``ounl_jax.defences``, paper Sec. VII) plug in
 as ``screens`` run before the update and a utility ``guard`` run on the tentative
 update; a refusal raises ``RequestRefused`` naming the screen and why.
+
+Each sample can be unlearned once. The service keeps a ledger of what it has
+unlearned (``ounl_jax.ledger.SampleLedger``) and refuses, with ``AlreadyUnlearned``,
+an image within ``RequestLimits.duplicate_tolerance`` (L-infinity, half an 8-bit
+grey level by default) of one it unlearned before or of another image of the
+same request.
+
+A server never ships a model that answers non-finite values: after every update
+it runs the tentative model on a fixed probe batch (the first
+``PROBE_IMAGES`` test images) and refuses the request with
+``UnlearningDiverged``, keeping its parameters, if any logit is NaN or infinite
+(or any parameter is).
+
+Concurrency contract. One ``UnlearningService`` may be shared by several threads.
+``unlearn`` validates the request in the calling thread, then takes the service's
+lock and, holding it, checks the ledger, runs the screens, computes the update
+from the current parameters, probes and guards it, commits it and issues the
+receipt. Requests are therefore applied one at a time, each on top of the
+previous one, in the order of their receipts' ``request_number`` (the order in
+which they got the lock); a refused request changes nothing and gets no number.
+A receipt is issued only once its update is in the parameters. ``predict``,
+``oracle`` and ``evaluate`` read the parameters as they are at the call (an
+atomic read of the reference), never a half-applied update.
 """
 
 from __future__ import annotations
@@ -28,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import threading
 import time
 from typing import Any, NamedTuple, Sequence
 
@@ -37,6 +61,7 @@ import numpy as np
 
 from ounl_jax import data as data_lib
 from ounl_jax import evaluation
+from ounl_jax import ledger as ledger_lib
 from ounl_jax import models
 from ounl_jax import oracle as oracle_lib
 from ounl_jax import unlearning
@@ -47,6 +72,8 @@ PIXEL_MIN, PIXEL_MAX = -0.5, 0.5
 # Float slack on the pixel range (tanh and blending round at the last bit).
 PIXEL_TOLERANCE = 1e-6
 PREDICT_BATCH_SIZE = 500
+# Test images the server runs every tentative update on (non-finite answers).
+PROBE_IMAGES = 64
 
 
 class InvalidRequestError(ValueError):
@@ -74,8 +101,22 @@ class RequestRefused(InvalidRequestError):
     self.verdict = verdict
 
 
+class AlreadyUnlearned(InvalidRequestError):
+  """Samples the server has unlearned before (or repeated in one request).
+
+  Attributes:
+    repeats: ``(index, 'ledger' | 'request', other)`` per repeated image: the
+      request index and the ledger entry or earlier request index it matches.
+  """
+
+  def __init__(self, message: str, *, repeats=()):
+    super().__init__(message)
+    self.repeats = tuple(repeats)
+
+
 class UnlearningDiverged(RuntimeError):
-  """The unlearning update produced non-finite parameters; the model is kept."""
+  """The update gave non-finite parameters or a model answering non-finite
+  values on the server's probe batch; the request is refused, the model kept."""
 
 
 class UnlearningRequest(NamedTuple):
@@ -123,19 +164,30 @@ class RequestLimits:
       bounds the server's memory per request: the validated float32 copy takes
       ``max_request_images * H * W * C * 4`` bytes, 123 MB at the default 10,000
       CIFAR images (32 x 32 x 3), plus the same again for the method's batch.
-    allow_duplicates: accept an unlearning request holding the same image twice.
-      Off by default: the data-free methods (paper Eq. 13's sum over the request)
-      weight every copy, so 50 copies of one image move the model 50 times as far
-      as the image once, and one training sample cannot be unlearned twice.
+      The oracle (``UnlearningService.oracle``) enforces the same cap on every
+      eager query.
+    allow_duplicates: accept an unlearning request holding the same image twice,
+      and a sample unlearned before. Off by default: the data-free methods (paper
+      Eq. 13's sum over the request) weight every copy, so 50 copies of one image
+      move the model 50 times as far as the image once, and one training sample
+      cannot be unlearned twice (the service's ledger, ``ounl_jax.ledger``).
+    duplicate_tolerance: two images within this L-infinity distance are the same
+      sample to the ledger (default half an 8-bit grey level, 0.5 / 255; 0 checks
+      exact repeats only and keeps digests, not pixels).
   """
 
   max_request_images: int = DEFAULT_MAX_REQUEST_IMAGES
   allow_duplicates: bool = False
+  duplicate_tolerance: float = ledger_lib.DEFAULT_TOLERANCE
 
   def __post_init__(self):
     if self.max_request_images < 1:
       raise ValueError(f"max_request_images must be >= 1, got "
                        f"{self.max_request_images}.")
+    if not (self.duplicate_tolerance >= 0
+            and np.isfinite(self.duplicate_tolerance)):
+      raise ValueError(f"duplicate_tolerance must be a finite number >= 0, got "
+                       f"{self.duplicate_tolerance}.")
 
 
 def _count(images) -> int:
@@ -303,6 +355,21 @@ def _all_finite(variables) -> bool:
   return bool(jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves])))
 
 
+@functools.lru_cache(maxsize=16)
+def _non_finite_rows_fn(model: models.Model):
+  """Jitted count of probe images whose logits hold a NaN or an infinity."""
+  def count(variables, x):
+    logits = model.apply(variables, x)
+    bad = ~jnp.all(jnp.isfinite(logits.reshape(logits.shape[0], -1)), axis=-1)
+    return jnp.sum(bad)
+  return jax.jit(count)
+
+
+def non_finite_answers(model: models.Model, variables, probe: np.ndarray) -> int:
+  """How many images of ``probe`` the model answers with a non-finite logit."""
+  return int(_non_finite_rows_fn(model)(variables, probe))
+
+
 class ServiceEvaluation(NamedTuple):
   """The current model on the server's test set, against the clean model.
 
@@ -394,6 +461,11 @@ class UnlearningService:
     self._guard = guard
     self._requests = 0
     self._clean_predictions = None
+    self._lock = threading.Lock()
+    self._ledger = ledger_lib.SampleLedger(limits.duplicate_tolerance)
+    probe = np.asarray(test_set.images[:PROBE_IMAGES], np.float32)
+    self._probe = probe if len(probe) else np.zeros(
+        (1,) + self.input_shape, np.float32)
 
   @property
   def method(self) -> str:
@@ -419,6 +491,11 @@ class UnlearningService:
   def requests_served(self) -> int:
     return self._requests
 
+  @property
+  def samples_unlearned(self) -> int:
+    """How many samples the ledger holds (every sample of every receipt)."""
+    return len(self._ledger)
+
   def model_fingerprint(self) -> str:
     """``fingerprint`` of the current parameters (the operator's audit: a refused
     request leaves it unchanged; the parameters themselves stay private)."""
@@ -432,13 +509,17 @@ class UnlearningService:
         out-of-range pixels.
     """
     images = validate_images(images, self.input_shape, self._limits)
-    probabilities = predict_probabilities(self._model, self._variables, images)
+    variables = self._variables  # One read: never a half-applied update.
+    probabilities = predict_probabilities(self._model, variables, images)
     if self._output == "labels":
       return np.argmax(probabilities, -1).astype(np.int32)
     return probabilities
 
   def unlearn(self, request) -> Receipt:
     """Fulfils an unlearning request with the server's method.
+
+    Thread-safe: requests are applied one at a time, in receipt order (see the
+    module docstring's concurrency contract).
 
     Args:
       request: ``UnlearningRequest(images, labels)`` (any (images, labels) pair).
@@ -448,12 +529,22 @@ class UnlearningService:
 
     Raises:
       InvalidRequestError: a malformed request (the model is unchanged).
+      AlreadyUnlearned: a sample unlearned before, or repeated in the request
+        within ``limits.duplicate_tolerance`` (the model is unchanged).
       RequestRefused: a screen flagged samples (policy ``on_flagged``) or the
         utility guard saw accuracy fall too far (the model is unchanged).
-      UnlearningDiverged: the update gave non-finite parameters (unchanged too).
+      UnlearningDiverged: the update gave non-finite parameters or answers
+        non-finite values on the probe batch (the model is unchanged too).
     """
     request = validate_request(request, input_shape=self.input_shape,
                                num_classes=self.num_classes, limits=self._limits)
+    with self._lock:
+      return self._unlearn_locked(request)
+
+  def _unlearn_locked(self, request: UnlearningRequest) -> Receipt:
+    """``unlearn`` after validation, holding ``self._lock``."""
+    if not self._limits.allow_duplicates:
+      self._check_ledger(request.images)
     outcomes = screening_lib.apply_screens(self._screens, request.images,
                                            request.labels)
     dropped = self._apply_flagged_policy(outcomes, len(request.labels))
@@ -473,6 +564,13 @@ class UnlearningService:
           f"{self.method} produced NaN/inf parameters on {len(request.labels)} "
           f"samples with {self._settings}; the model was left unchanged. Lower "
           "tau / the learning rate or use reduction='mean'.")
+    bad = non_finite_answers(self._model, new_variables, self._probe)
+    if bad:
+      raise UnlearningDiverged(
+          f"{self.method} gave a model that answers NaN/inf on {bad} of the "
+          f"{len(self._probe)} probe images ({len(request.labels)} samples, "
+          f"{self._settings}); the request was refused and the model left "
+          "unchanged. Lower tau / the learning rate or use reduction='mean'.")
     guard = None
     if self._guard is not None:
       verdict = utility_lib.check(self._guard, new_variables)
@@ -483,11 +581,34 @@ class UnlearningService:
             "unlearning was rolled back; the model is unchanged.",
             screen="utility_guard", outcomes=outcomes, verdict=verdict)
     self._variables = new_variables
+    if not self._limits.allow_duplicates:
+      self._ledger.add(request.images)
     receipt = Receipt(self._requests, self.method, len(request.labels), seconds,
                       dataclasses.asdict(self._settings),
                       tuple(o.summary() for o in outcomes), tuple(dropped), guard)
     self._requests += 1
     return receipt
+
+  def _check_ledger(self, images: np.ndarray) -> None:
+    """``AlreadyUnlearned`` if an image repeats an unlearned or earlier one."""
+    repeats = self._ledger.matches(images)
+    if not repeats:
+      return
+    earlier = [r for r in repeats if r[1] == "ledger"]
+    within = [r for r in repeats if r[1] == "request"]
+    parts = []
+    if earlier:
+      parts.append(f"{len(earlier)} were unlearned by an earlier request (request "
+                   f"indices {[r[0] for r in earlier[:5]]})")
+    if within:
+      parts.append(f"{len(within)} repeat an earlier image of this request "
+                   f"(e.g. index {within[0][0]} repeats {within[0][2]})")
+    raise AlreadyUnlearned(
+        f"Each sample can be unlearned once: of {len(images)} images, "
+        f"{' and '.join(parts)}, within L-infinity "
+        f"{self._limits.duplicate_tolerance:.3g} (RequestLimits."
+        "duplicate_tolerance). Nothing was unlearned; send only new samples.",
+        repeats=repeats)
 
   def _apply_flagged_policy(self, outcomes, count: int) -> tuple[int, ...]:
     """The indices to drop (``on_flagged='drop'``), or ``RequestRefused``."""
@@ -521,7 +642,8 @@ class UnlearningService:
     return oracle_lib.make_oracle(oracle_lib.Softmax(self._model.apply),
                                   self._variables, input_shape=self.input_shape,
                                   num_classes=self.num_classes,
-                                  output=self._output, budget=budget)
+                                  output=self._output, budget=budget,
+                                  max_query_images=self._limits.max_request_images)
 
   def evaluate(self, class_a: int | None = None) -> ServiceEvaluation:
     """The current model's metrics on the server's test set (docs/protocol.md §11).
@@ -529,9 +651,11 @@ class UnlearningService:
     Args:
       class_a: the unlearned class, for its accuracy and prediction histogram.
     """
-    clean = self._clean_test_predictions()
+    with self._lock:  # The clean predictions once; the current parameters.
+      clean = self._clean_test_predictions()
+      variables = self._variables
     labels = self._test_set.labels
-    predictions = evaluation.predict_labels(self._model, self._variables,
+    predictions = evaluation.predict_labels(self._model, variables,
                                             self._test_set.images)
     report = evaluation.report(predictions, labels, self.num_classes, class_a)
     histogram = (None if class_a is None else evaluation.prediction_histogram(

@@ -1,6 +1,7 @@
 """Checkpoints: fallback past a corrupt newest checkpoint, clear errors, replacement."""
 
 import glob
+import json
 import os
 
 import jax
@@ -119,6 +120,12 @@ def test_training_resumes_past_a_corrupt_epoch_checkpoint(tmp_path, capsys):
                                      train_lib.amsgrad(1e-3))
   stopping = train_lib.early_stopping_init()
   epoch_dir = str(tmp_path / "checkpoints" / "train")
+  splits = random_splits(n=32)
+  # What training writes before its checkpoints: the data's fingerprint and the
+  # history (the workdir guards refuse checkpoints without them).
+  training.check_data_identity(str(tmp_path), config, splits)
+  (tmp_path / "train_history.json").write_text(json.dumps(
+      [{"epoch": e, "epoch_seconds": 1.0} for e in (0, 1)]))
   best = {}
   for epoch in (0, 1):
     best[epoch] = jax.tree_util.tree_map(lambda x, e=epoch: np.asarray(x) + e,
@@ -127,7 +134,7 @@ def test_training_resumes_past_a_corrupt_epoch_checkpoint(tmp_path, capsys):
         state, best[epoch], stopping, epoch))
   truncate_data(epoch_dir, 1)
   capsys.readouterr()
-  trained = training.train_or_restore(config, str(tmp_path), random_splits(n=32),
+  trained = training.train_or_restore(config, str(tmp_path), splits,
                                       show_progress=False)
   lines = [l for l in capsys.readouterr().out.splitlines() if "corrupt" in l]
   assert len(lines) == 1

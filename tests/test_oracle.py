@@ -237,3 +237,66 @@ def test_bad_arguments():
     make(budget=-1)
   with pytest.raises(ValueError, match="shape"):
     make().query(make().init(), jnp.zeros((2, 3, 3, 3)))
+
+
+class NoCopy:
+  """An array-like that fails the test if anything converts it to an array."""
+
+  def __init__(self, shape):
+    self.shape = shape
+    self.dtype = np.dtype(np.float32)
+
+  def __array__(self, *args, **kwargs):
+    raise AssertionError("the query was converted before its size was checked")
+
+
+def _peak_bytes(fn) -> int:
+  """Peak bytes newly allocated (numpy reports to tracemalloc) while ``fn`` runs."""
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+  tracemalloc.start()
+  try:
+    tracemalloc.reset_peak()
+    start, _ = tracemalloc.get_traced_memory()
+    fn()
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  return peak - start
+
+
+def test_a_query_over_the_cap_is_refused_before_any_copy():
+  oracle = make(max_query_images=100)
+  state = oracle.init()
+  with pytest.raises(oracle_lib.QueryTooLarge, match="limit of 100 images"):
+    oracle.query(state, NoCopy((101,) + SHAPE))
+  # A float64 batch would be converted to float32 (half its size) if it got that
+  # far: the refusal allocates nothing of the kind.
+  big = np.zeros((200_000,) + SHAPE, np.float64)   # 19 MB
+
+  def refused():
+    with pytest.raises(oracle_lib.QueryTooLarge, match="200000 images"):
+      oracle.query(state, big)
+  assert _peak_bytes(refused) < big.nbytes // 20
+  # At the cap it answers and counts; a list over the cap is refused too.
+  _, state = oracle.query(state, images(100))
+  assert int(state.queries) == 100
+  with pytest.raises(oracle_lib.QueryTooLarge):
+    oracle.query(state, [np.zeros(SHAPE, np.float32)] * 101)
+  # Inside jit a batch is the compiled attack's own: not capped, but counted.
+  answers, jitted = jax.jit(oracle.query)(state, images(150))
+  assert answers.shape == (150, NUM_CLASSES) and int(jitted.queries) == 250
+  with pytest.raises(ValueError, match=">= 1"):
+    make(max_query_images=0)
+
+
+def test_the_budget_is_checked_before_the_batch_is_converted():
+  oracle = make(budget=10)
+  state = oracle.init()
+  big = np.zeros((200_000,) + SHAPE, np.float64)   # 19 MB
+
+  def refused():
+    with pytest.raises(oracle_lib.QueryBudgetExceeded, match="200000 more"):
+      oracle.query(state, big)
+  assert _peak_bytes(refused) < big.nbytes // 20
+  with pytest.raises(oracle_lib.QueryBudgetExceeded):
+    oracle.query(oracle.init(), NoCopy((11,) + SHAPE))

@@ -290,10 +290,16 @@ def test_duplicate_images_are_refused_by_default(setup):
     service.unlearn((zero, np.zeros(2, np.int32)))
   assert service.model_fingerprint() == before
   assert service.requests_served == 0
-  # Differing in one pixel by one ulp is not an exact duplicate.
+  # Differing in one pixel by one ulp is not an exact duplicate, but the ledger
+  # sees the same sample within its tolerance.
   images = np.repeat(req.images[:1], 2, axis=0)
   images[1, 0, 0, 0] = np.nextafter(images[1, 0, 0, 0], np.float32(0))
-  assert service.unlearn((images, np.zeros(2, np.int32))).num_samples == 2
+  with pytest.raises(service_lib.AlreadyUnlearned, match="index 1 repeats 0"):
+    service.unlearn((images, np.zeros(2, np.int32)))
+  # With an exact-only ledger (tolerance 0) it is a different image.
+  exact = make_service(setup, limits=service_lib.RequestLimits(
+      duplicate_tolerance=0.0))
+  assert exact.unlearn((images, np.zeros(2, np.int32))).num_samples == 2
 
 
 def test_duplicates_can_be_allowed_and_then_count_twice(setup):
@@ -317,3 +323,133 @@ def test_duplicate_groups_by_hand():
   x[3] += 0.1
   x[4] += 0.2
   assert service_lib.duplicate_groups(x) == [[0, 2], [1, 3]]
+
+
+def _sequential(setup, requests):
+  """The pure method applied to ``requests`` in order, keys 0, 1, ..."""
+  model, variables, _ = setup
+  for number, req in enumerate(requests):
+    variables = jax.block_until_ready(unlearning.unlearn(
+        "first_order", model, variables, req.images, req.labels,
+        jax.random.fold_in(jax.random.key(88), number),
+        unlearning.FirstOrderSettings(tau=1e-2)))
+  return variables
+
+
+def test_concurrent_unlearns_are_applied_one_at_a_time_in_receipt_order(setup):
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from ounl_jax.defences import screening  # pylint: disable=g-import-not-at-top
+
+  def slow_score(images, labels):  # Widens the window in which updates race.
+    time.sleep(0.2)
+    return np.zeros(len(labels))
+  service = make_service(setup, screens=[screening.Screen(
+      "slow", slow_score, 1.0, "never flags")])
+  requests = [request(seed=10 + i) for i in range(3)]
+  barrier = threading.Barrier(len(requests))
+  receipts = [None] * len(requests)
+
+  def worker(i):
+    barrier.wait()
+    receipts[i] = service.unlearn(requests[i])
+  threads = [threading.Thread(target=worker, args=(i,))
+             for i in range(len(requests))]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  numbers = [r.request_number for r in receipts]
+  assert sorted(numbers) == [0, 1, 2] and service.requests_served == 3
+  in_receipt_order = [requests[numbers.index(n)] for n in range(3)]
+  assert service.model_fingerprint() == service_lib.fingerprint(
+      _sequential(setup, in_receipt_order))
+  assert service.samples_unlearned == 18
+
+
+def test_a_model_answering_non_finite_values_is_refused(setup):
+  model, variables, test = setup
+  settings = unlearning.FirstOrderSettings(tau=1e30)
+  req = request()
+  # The issue's case: finite parameters, NaN/inf answers.
+  updated = unlearning.unlearn("first_order", model, variables, req.images,
+                               req.labels, jax.random.fold_in(jax.random.key(88), 0),
+                               settings)
+  assert service_lib._all_finite(updated)  # pylint: disable=protected-access
+  assert service_lib.non_finite_answers(model, updated, test.images) > 0
+  with pytest.raises(evaluation.NonFiniteOutputs, match="NaN or infinite"):
+    evaluation.predict_labels(model, updated, test.images)
+  service = make_service(setup, settings=settings)
+  before = service.model_fingerprint()
+  with pytest.raises(service_lib.UnlearningDiverged, match="probe images"):
+    service.unlearn(req)
+  assert service.model_fingerprint() == before
+  assert service.requests_served == 0 and service.samples_unlearned == 0
+  assert np.isfinite(service.predict(test.images)).all()
+  assert 0 <= service.evaluate(0).report.accuracy <= 1
+
+
+def test_a_sample_is_unlearned_once_across_requests_and_noise(setup):
+  service = make_service(setup)
+  first = request(n=6, seed=20)
+  service.unlearn(first)
+  after_first = service.model_fingerprint()
+  # Resubmitted in a later request (with new samples around it): refused whole.
+  fresh = request(n=4, seed=21)
+  mixed = (np.concatenate([fresh.images, first.images[2:3]]), np.zeros(5, np.int32))
+  with pytest.raises(service_lib.AlreadyUnlearned, match=r"indices \[4\]") as info:
+    service.unlearn(mixed)
+  assert info.value.repeats == ((4, "ledger", 2),)
+  # With +-1e-6 noise (clipped to the pixel range), and with a uniform noise of
+  # 0.4 / 255: still within half a grey level.
+  rng = np.random.default_rng(0)
+  for scale in (1e-6, 0.4 / 255):
+    noised = np.clip(first.images + rng.uniform(-scale, scale, first.images.shape)
+                     .astype(np.float32), -0.5, 0.5)
+    with pytest.raises(service_lib.AlreadyUnlearned, match="6 were unlearned"):
+      service.unlearn((noised, first.labels))
+  assert service.model_fingerprint() == after_first
+  assert service.requests_served == 1 and service.samples_unlearned == 6
+  # One pixel a full grey level away is another image; so are the new samples.
+  moved = first.images[:1].copy()
+  moved[0, 0, 0, 0] += 1 / 255 if moved[0, 0, 0, 0] < 0 else -1 / 255
+  assert service.unlearn((moved, np.zeros(1, np.int32))).num_samples == 1
+  assert service.unlearn(fresh).num_samples == 4
+  assert service.samples_unlearned == 11
+  # Near-repeats inside one request are refused too.
+  twin = request(n=3, seed=22)
+  images = twin.images.copy()
+  images[2] = np.clip(images[0] + 1e-6, -0.5, 0.5)
+  with pytest.raises(service_lib.AlreadyUnlearned, match="index 2 repeats 0"):
+    service.unlearn((images, twin.labels))
+
+
+def test_only_what_was_unlearned_enters_the_ledger(setup):
+  from ounl_jax.defences import screening  # pylint: disable=g-import-not-at-top
+  req = request(n=4, seed=30)
+  marker = req.images[0, 0, 0, 0]
+
+  def score(images, labels):
+    return (images[:, 0, 0, 0] == marker).astype(float)
+  service = make_service(setup, on_flagged="drop", screens=[screening.Screen(
+      "marker", score, 0.5, "is the marked image")])
+  receipt = service.unlearn(req)
+  assert receipt.dropped == (0,) and service.samples_unlearned == 3
+  with pytest.raises(service_lib.AlreadyUnlearned):
+    service.unlearn((req.images[1:2], req.labels[1:2]))
+  # A refused request leaves no entry: the diverging server keeps none.
+  diverging = make_service(setup, settings=unlearning.FirstOrderSettings(tau=1e30))
+  with pytest.raises(service_lib.UnlearningDiverged):
+    diverging.unlearn(req)
+  assert diverging.samples_unlearned == 0
+  with pytest.raises(ValueError, match="duplicate_tolerance"):
+    service_lib.RequestLimits(duplicate_tolerance=-1.0)
+
+
+def test_the_service_oracle_has_the_request_cap(setup):
+  service = make_service(setup, limits=service_lib.RequestLimits(
+      max_request_images=5))
+  oracle = service.oracle(budget=100)
+  assert oracle.query.max_query_images == 5
+  with pytest.raises(oracle_lib.QueryTooLarge, match="limit of 5 images"):
+    oracle.query(oracle.init(), NoCopy((6,) + SHAPE))

@@ -14,8 +14,13 @@ def user_errors() -> tuple[type, ...]:
   # pylint: disable=g-import-not-at-top
   from ounl_jax import checkpoint
   from ounl_jax import data as data_lib
+  from ounl_jax import evaluation
+  from ounl_jax import service
+  # A diverged update (e.g. --tau=1e30) and a model answering NaN are the flags'
+  # doing: one line, and no result file claims an accuracy.
   return (UserError, data_lib.DataNotFoundError, data_lib.DataFormatError,
-          data_lib.DataCorruptError, checkpoint.CheckpointError)
+          data_lib.DataCorruptError, checkpoint.CheckpointError,
+          service.UnlearningDiverged, evaluation.NonFiniteOutputs)
 
 
 def warn(message: str) -> None:

@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import sys
+import uuid
 from typing import Any
 
 import numpy as np
@@ -74,22 +75,39 @@ def to_jsonable(value: Any) -> Any:
   return value
 
 
+def temporary_path(path: str) -> str:
+  """A temporary name next to ``path``, unique per writer (pid and a random tag),
+  ending like ``path`` (``np.savez`` keeps a name ending in .npz)."""
+  head, tail = os.path.split(path)
+  stem, extension = os.path.splitext(tail)
+  return os.path.join(head, f".{stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+                            f"{extension}")
+
+
 def write_json(path: str, payload: Any) -> str:
-  """Writes atomically (a crash never leaves half a file)."""
+  """Writes atomically (a crash never leaves half a file; a unique temporary)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(to_jsonable(payload), f, indent=2, sort_keys=False)
-    f.write("\n")
-  os.replace(tmp, path)
+  tmp = temporary_path(path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(to_jsonable(payload), f, indent=2, sort_keys=False)
+      f.write("\n")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return path
 
 
-def read_json(path: str) -> Any:
-  """The JSON in ``path``; a damaged file names itself and the fix."""
+REWRITE = "Delete it and rerun to write it again."
+
+
+def read_json(path: str, advice: str = REWRITE) -> Any:
+  """The JSON in ``path``; a damaged file names itself and ``advice`` (the fix:
+  a file a guard relies on passes advice that does not disarm the guard)."""
   try:
     with open(path) as f:
       return json.load(f)
-  except json.JSONDecodeError as error:
-    raise errors.UserError(f"{path} is not valid JSON ({error}); it was cut short or "
-                    "edited. Delete it and rerun to write it again.") from error
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise errors.UserError(f"{path} is not valid JSON ({error}); it was cut short "
+                           f"or edited. {advice}") from error

@@ -77,14 +77,30 @@ def check_data_identity(workdir: str, config: configs.TrainConfig,
   path = os.path.join(workdir, "data_fingerprint.json")
   found = {"dataset": config.dataset, "fingerprint": data_fingerprint(splits),
            "splits": data_lib.describe(splits)}
+  # The fix for a damaged or missing fingerprint must not disarm the guard:
+  # without the model there is nothing left to guard.
+  fresh_start = (f"Use another --workdir, or delete the model too (checkpoints/, "
+                 f"train_metrics.json and train_history.json in {workdir}) to "
+                 "train again here.")
   if os.path.exists(path):
-    saved = records.read_json(path)
+    saved = records.read_json(
+        path, advice="The data this workdir's model was trained on can no longer "
+        "be checked. " + fresh_start)
     if saved != records.to_jsonable(found):
       raise errors.UserError(
           f"{workdir} was made with other {config.dataset} data ({saved}) than "
           f"this run reads ({found}): TFDS_DATA_DIR or --data_dir points at "
           "another copy. Use another --workdir, or the data it was made with.")
   else:
+    model = [name for name in ("train_metrics.json", "train_history.json",
+                               "checkpoints")
+             if os.path.exists(os.path.join(workdir, name))]
+    if model:
+      raise errors.UserError(
+          f"{workdir} holds a model ({', '.join(model)}) but no "
+          "data_fingerprint.json, so this run cannot tell whether that model was "
+          f"trained on the data it reads ({config.dataset}, "
+          f"{found['splits']}). {fresh_start}")
     records.write_json(path, found)
 
 
@@ -112,8 +128,18 @@ def _resume(epoch_dir: str, history_path: str, state, best_variables, stopping):
         float(tree["best_loss"]), int(tree["best_epoch"]),
         int(tree["epochs_since_best"]))
     start_epoch = int(tree["epoch"]) + 1
-    if os.path.exists(history_path):
-      history = records.read_json(history_path)[:start_epoch]
+    retrain = (f"Restore it, or delete {os.path.dirname(history_path)}/"
+               "checkpoints/train and train_history.json to train again from the "
+               "first epoch (resuming without it would lose the history).")
+    if not os.path.exists(history_path):
+      raise errors.UserError(
+          f"{history_path} is missing but the epoch checkpoints reach epoch "
+          f"{start_epoch}. {retrain}")
+    history = records.read_json(history_path, advice=retrain)[:start_epoch]
+    if len(history) < start_epoch:
+      raise errors.UserError(
+          f"{history_path} holds {len(history)} epochs but the epoch checkpoints "
+          f"reach epoch {start_epoch}. {retrain}")
   return state, best_variables, stopping, history, start_epoch
 
 

@@ -222,16 +222,43 @@ def experiment_config(fv, **fixed) -> configs.ExperimentConfig:
 
 
 def run_main(main, fv=flags.FLAGS) -> None:
-  """``app.run(main)``; a user error prints one line and exits 2 (--debug: raise)."""
+  """``app.run(main)``; a user error prints one line and exits 2 (--debug: raise).
+
+  User errors are: a bad flag (unknown flag, unknown choice, unparsable value,
+  found by absl while parsing), ``errors.user_errors()`` raised by the run, a
+  workdir another run holds (``workdir_lock``: the run holds ``--workdir``'s lock
+  from start to end), and a full disk.
+  """
+  import errno  # pylint: disable=g-import-not-at-top
   from absl import app  # pylint: disable=g-import-not-at-top
+  from experiments.run import workdir_lock  # pylint: disable=g-import-not-at-top
+
+  def parse(argv):
+    try:
+      return fv(argv)
+    except flags.Error as error:
+      print(f"error: {error}", file=sys.stderr)
+      sys.exit(2)
 
   def wrapped(argv):
     try:
-      return main(argv)
+      workdir = fv["workdir"].value if "workdir" in fv else None
+      if not workdir:
+        return main(argv)
+      with workdir_lock.hold(workdir):
+        return main(argv)
     except errors.user_errors() as error:
       if fv.debug:
         raise
       print(f"error: {error}", file=sys.stderr)
       sys.exit(2)
+    except OSError as error:
+      if error.errno != errno.ENOSPC or fv.debug:
+        raise
+      print(f"error: no space left on the device "
+            f"({error.filename or 'while writing'}): free some space or use "
+            "another --workdir, then rerun (the run resumes from what it saved).",
+            file=sys.stderr)
+      sys.exit(2)
 
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=parse)

@@ -23,6 +23,7 @@ import zipfile
 import numpy as np
 
 from experiments.run import errors
+from experiments.run import records
 
 
 def fingerprint(payload: dict) -> str:
@@ -34,9 +35,13 @@ def fingerprint(payload: dict) -> str:
 def save(path: str, arrays: dict) -> None:
   """Writes a push atomically (a crash never leaves half a file)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
-  os.replace(tmp, path)
+  tmp = records.temporary_path(path)  # Unique per writer; ends in .npz.
+  try:
+    np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def load(path: str, key: str) -> dict | None:

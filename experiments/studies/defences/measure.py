@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -80,8 +82,15 @@ def attack_sets(ctx: pipeline.Context, config: configs.ExperimentConfig,
   """What the user submits under each attack (``normal``: the pushed rows
   unmodified), the ids involved, notes, and ``(pushed, rows)``."""
   if pushed_path:
-    with np.load(pushed_path) as saved:
-      pushed = {k: saved[k] for k in saved.files}
+    try:
+      with np.load(pushed_path) as saved:
+        pushed = {k: saved[k] for k in saved.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile,
+            zlib.error) as error:
+      raise errors.UserError(
+          f"--pushed={pushed_path} is not a readable .npz ({type(error).__name__}:"
+          f" {error}); it was cut short or damaged. Rerun experiments.pushing to "
+          "write it again.") from error
     pushed["reused"] = True
     source = os.path.abspath(pushed_path)
   else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -29,12 +31,25 @@ def load_pushed(path: str) -> dict[str, np.ndarray]:
         f"No pushed samples at {path}. Run `python -m experiments.pushing "
         f"--workdir=DIR` first (it writes DIR/attack/pushed.npz), then "
         f"`python -m experiments.stealthiness --workdir=DIR`, or pass --pushed=PATH.")
-  with np.load(path, allow_pickle=False) as npz:
-    missing = [k for k in REQUIRED_KEYS if k not in npz.files]
-    if missing:
-      raise ValueError(f"{path} lacks the arrays {missing}; expected "
-                       f"{list(REQUIRED_KEYS)} as written by experiments.pushing.")
-    arrays = {k: npz[k] for k in npz.files}
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      missing = [k for k in REQUIRED_KEYS if k not in npz.files]
+      if missing:
+        raise ValueError(f"{path} lacks the arrays {missing}; expected "
+                         f"{list(REQUIRED_KEYS)} as written by "
+                         "experiments.pushing.")
+      arrays = {k: npz[k] for k in npz.files}
+  except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+    raise ValueError(
+        f"{path} is not a readable .npz ({type(error).__name__}: {error}); it was "
+        "cut short or damaged. Rerun `python -m experiments.pushing "
+        "--workdir=DIR` to write it again.") from error
+  except ValueError as error:
+    if str(path) in str(error):
+      raise
+    raise ValueError(f"{path} is not a readable .npz ({error}); it was cut short "
+                     "or damaged. Rerun `python -m experiments.pushing "
+                     "--workdir=DIR` to write it again.") from error
   shape = arrays["original"].shape
   if len(shape) != 4:
     raise ValueError(f"{path}: 'original' must be (N, H, W, C), got {shape}.")
