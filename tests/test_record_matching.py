@@ -170,3 +170,12 @@ def test_settings_and_shapes_are_checked():
   with pytest.raises(ValueError):
     rm.build_index(SETTINGS, np.zeros((2, 8, 8, 3)), np.array([0, 5]),
                    num_classes=3)
+
+
+def test_as_a_service_screen(store):
+  from ounl_jax import defences
+  images, labels, _, index, radius = store
+  screen = defences.record_matching_screen(index, radius)
+  request = np.concatenate([images[:3], smooth_images(2, 123)])
+  (outcome,) = defences.apply_screens([screen], request, labels[:5])
+  assert outcome.flagged == (3, 4)
