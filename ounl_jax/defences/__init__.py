@@ -17,11 +17,23 @@ and one check after the tentative update:
 
 ``screening`` holds what they share: ``calibrate`` (threshold at 1% false
 rejection), ``roc_auc``, and ``Screen`` for ``UnlearningService(screens=...)``.
+
+Defences that change what is unlearned rather than refusing (docs/defences.md):
+
+  record_matching  unlearn the nearest stored record of the same label (low-pass
+                   pixel space), refuse beyond a radius calibrated on JPEG copies.
+  damage_bound     scale the update to the largest alpha keeping every class's
+                   held-out drop within an envelope fitted on honest requests.
+  healing          a bounded repair (clipped SGD, the unlearning's scope) on spare
+                   records near the unlearned ones (arXiv 2507.10886).
 """
 
+from ounl_jax.defences import damage_bound
 from ounl_jax.defences import hashing
+from ounl_jax.defences import healing
 from ounl_jax.defences import margin
 from ounl_jax.defences import membership
+from ounl_jax.defences import record_matching
 from ounl_jax.defences import screening
 from ounl_jax.defences import utility
 from ounl_jax.defences.screening import apply_screens
@@ -54,3 +66,13 @@ def membership_screen(check: membership.MembershipCheck,
                 check.threshold if threshold is None else threshold,
                 "its loss under the submitted label is that of a sample the "
                 "model was not trained on")
+
+
+def record_matching_screen(index: record_matching.RecordIndex,
+                           radius: float) -> Screen:
+  """Record matching's refusal as a screen (score: distance to the nearest
+  same-label record). The substitution of the stored records is the caller's:
+  ``record_matching.match`` / ``matched_records``."""
+  return Screen("record_matching",
+                lambda x, y: record_matching.match_distance(index, x, y), radius,
+                "no stored training record of its label is near enough")
