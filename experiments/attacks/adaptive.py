@@ -62,7 +62,8 @@ def evasion_sets(ctx: pipeline.Context, config, pushed: dict, rows: np.ndarray,
                    paired[name][1][ok])
       stats[key] = {"kappa": kappa, "successes": int(ok.sum()),
                     "samples": int(len(ok)),
-                    "queries_per_sample": float(evaded.queries.mean()),
+                    "queries_per_sample": (float(evaded.queries.mean())
+                                           if len(ok) else None),
                     "l2_mean": float(np.nanmean(evaded.l2)) if ok.any() else None}
   return sets, stats
 

@@ -95,8 +95,10 @@ def _warn_if_few_succeed(rows: dict, needed: int, left: int) -> None:
   pushed = len(rows["ids"])
   if successes >= needed or 2 * successes >= pushed:
     return
-  reasons = np.unique(rows["pushing_ii_status"][~artefact.successes(rows)],
-                      return_counts=True)
+  failed = ~artefact.successes(rows)
+  first_failure = np.where(rows["pushing_i_success"], rows["pushing_ii_status"],
+                           np.char.add("Pushing-I ", rows["pushing_i_status"].astype(str)))
+  reasons = np.unique(first_failure[failed], return_counts=True)
   why = ", ".join(f"{int(c)} {r}" for r, c in zip(*reasons))
   estimate = (needed - successes) * pushed // max(successes, 1)
   errors.warn(f"Only {successes} of {pushed} pushed samples succeeded ({why}); at "
