@@ -6,15 +6,15 @@ its saved push (``attack/pushed.npz``, or ``--pushed``), takes the N samples the
 job submitted (the first N pushed by both Pushing-I and II in its seeded candidate
 order; N = 400, the paper's 10% of airplane) and compares, on exactly those ids:
 
-* ``zoo``: the paper's coordinate ZOO (released settings, Sec. III-C): the main
-  job's saved push, not pushed again (its queries and seconds are the saved ones);
-* ``zoo_directions``: ZOO with random directions (``zoo.query_efficient_settings``,
-  ``--zoo_max_iterations`` as the cpu preset);
-* ``label_only``: HopSkipJump-style pushing on labels only
-  (``label_only.query_efficient_settings``; start images: the user's own
-  non-airplane validation images, as ``experiments.attacks.registry.start_images``);
-* ``white_box``: gradient through the server's first-order update
-  (``unlearning_gradient``; its objective: the user's own validation airplanes);
+* every registered pusher (``experiments.attacks.registry``), built as the
+  experiments build it: ``zoo``, the paper's coordinate ZOO (released settings,
+  Sec. III-C; in workdir mode the main job's saved push, not pushed again, with its
+  saved queries and seconds), ``zoo_directions`` (random directions,
+  ``--zoo_max_iterations``), ``label_only`` (HopSkipJump-style on labels; start
+  images: the user's own non-class-A validation images) and any pusher research
+  code registers;
+* ``unlearning_gradient``: gradient through the server's first-order update
+  (white-box; its objective: the user's own validation class-A images);
 * ``transfer``: the same against a surrogate trained on the validation split.
 
 For each submission a fresh server holding the clean model (first-order, the
@@ -48,6 +48,8 @@ import time
 import jax
 import numpy as np
 
+from experiments.attacks import registry
+from experiments.attacks.pushing import pushers
 from experiments.run import records
 from ounl_jax import checkpoint
 from ounl_jax import data as data_lib
@@ -55,12 +57,13 @@ from ounl_jax import evaluation
 from ounl_jax import models
 from ounl_jax import service as service_lib
 from ounl_jax import unlearning
-from ounl_jax.attacks import label_only
 from ounl_jax.attacks import pushing
 from ounl_jax.attacks import unlearning_gradient as ug
 from ounl_jax.attacks import zoo
 
-ATTACKERS = ("zoo", "zoo_directions", "label_only", "white_box", "transfer")
+# Every registered attack: the pushers as the experiments run them, then the
+# gradient attacks (registry names).
+ATTACKERS = tuple(registry.ATTACKS)
 
 
 def parse_args(argv=None):
@@ -77,8 +80,6 @@ def parse_args(argv=None):
   parser.add_argument("--zoo_max_iterations", type=int, default=300,
                       help="ZOO iterations (cpu preset 300); the saved push keeps "
                            "its own.")
-  parser.add_argument("--label_only_iterations", type=int, default=None,
-                      help="Default: label_only.query_efficient_settings (6).")
   parser.add_argument("--start_images", type=int, default=256)
   parser.add_argument("--held_out", type=int, default=256,
                       help="The user's own validation images of class A (the "
@@ -226,7 +227,7 @@ def saved_zoo_rows(server: Server) -> list[dict]:
   out = []
   for which, name in (("Pushing-I", "pushing_i"), ("Pushing-II", "pushing_ii")):
     out.append({
-        "method": f"ZOO, coordinates (the paper's; saved push) {which}",
+        "method": f"{registry.get('zoo').display_name} (saved push) {which}",
         "submitted": int(len(rows)),
         "success_rate": float(saved[f"{name}_success"][attacked].mean()),
         "attack_seconds": float(saved["seconds"]),
@@ -240,20 +241,31 @@ def saved_zoo_rows(server: Server) -> list[dict]:
   return out
 
 
-def zoo_settings(args, estimator: str) -> pushing.PushSettings:
-  if estimator == "directions":
-    settings = zoo.query_efficient_settings(max_iterations=args.zoo_max_iterations,
-                                            iterations_per_chunk=10)
-  else:
-    settings = zoo.ZooSettings(max_iterations=args.zoo_max_iterations,
-                               iterations_per_chunk=10)
-  return pushing.PushSettings(zoo=settings)
+def push_settings(args) -> pushing.PushSettings:
+  """What every pusher is built from (each factory derives its own settings)."""
+  return pushing.PushSettings(zoo=zoo.ZooSettings(
+      max_iterations=args.zoo_max_iterations, iterations_per_chunk=10))
 
 
-def label_only_settings(args) -> label_only.LabelOnlySettings:
-  overrides = ({} if args.label_only_iterations is None
-               else {"max_iterations": args.label_only_iterations})
-  return label_only.query_efficient_settings(**overrides)
+def push_rows(args, server: Server, key, start_pool, skip) -> list[dict]:
+  """Every registered pusher (``registry.ATTACKS``) on the same N samples."""
+  rows = []
+  for index, spec in enumerate(registry.ATTACKS.values(), 1):
+    if not spec.pushes or spec.name in skip:
+      continue
+    if spec.name == "zoo" and server.saved is not None:
+      rows += saved_zoo_rows(server)
+      continue
+    pusher = spec.pusher(push_settings(args), start_pool)
+    oracle = server.service(spec.oracle_output).oracle()
+    started = time.perf_counter()
+    result = pusher.push(oracle, server.images, server.labels,
+                         jax.random.fold_in(key, index), oracle.init(), None)
+    seconds = time.perf_counter() - started
+    rows += pushed_rows(server, spec.display_name, result, seconds)
+    print(rows[-1]["method"], rows[-1]["class_a_accuracy"], f"{seconds:.0f} s",
+          flush=True)
+  return rows
 
 
 def metadata(args, config: dict) -> dict:
@@ -309,40 +321,16 @@ def main(argv=None):
     value = function()
     return value, time.perf_counter() - t
 
-  if "zoo" not in skip:
-    if server.saved is not None:
-      rows += saved_zoo_rows(server)
-    else:
-      result, seconds = timed(lambda: pushing.push(
-          server.service().oracle(), images, labels, jax.random.fold_in(key, 1),
-          zoo_settings(args, "coordinates")))
-      rows += pushed_rows(server, "ZOO, coordinates (the paper's)", result,
-                          seconds)
-    print(rows[-1]["method"], rows[-1]["class_a_accuracy"], flush=True)
-  if "zoo_directions" not in skip:
-    result, seconds = timed(lambda: pushing.push(
-        server.service().oracle(), images, labels, jax.random.fold_in(key, 2),
-        zoo_settings(args, "directions")))
-    rows += pushed_rows(server, "ZOO, random directions", result, seconds)
-    print(rows[-1]["method"], rows[-1]["class_a_accuracy"], f"{seconds:.0f} s",
-          flush=True)
-  if "label_only" not in skip:
-    result, seconds = timed(lambda: label_only.label_only_push(
-        server.service("labels").oracle(), images, labels,
-        jax.random.fold_in(key, 3), label_only_settings(args),
-        start_images=start_pool))
-    rows += pushed_rows(server, "label-only", result, seconds)
-    print(rows[-1]["method"], rows[-1]["class_a_accuracy"], f"{seconds:.0f} s",
-          flush=True)
+  rows += push_rows(args, server, key, start_pool, skip)
   ug_settings = ug.UnlearningGradientSettings(
       steps=args.ug_steps, learning_rate=args.ug_learning_rate,
       unlearning=server.unlearning_settings)
-  if "white_box" not in skip:
+  if "unlearning_gradient" not in skip:
     result, seconds = timed(lambda: ug.unlearning_gradient_attack(
         server.model, server.variables, images, labels, held_out,
         jax.random.fold_in(key, 4), ug_settings))
     sub = result.submission
-    rows.append(row_for(server, "gradient through unlearning, white-box",
+    rows.append(row_for(server, registry.get("unlearning_gradient").display_name,
                         *sub.successful()[:2], sub.success, sub.l2, sub.status,
                         seconds=seconds, queries=None))
     print(rows[-1]["method"], rows[-1]["class_a_accuracy"], f"{seconds:.0f} s",
@@ -357,8 +345,7 @@ def main(argv=None):
           jax.random.fold_in(key, 6), ug_settings)
     result, seconds = timed(transfer)
     sub = result.submission
-    rows.append(row_for(server, "gradient through unlearning, transfer "
-                        "(surrogate on the validation split)",
+    rows.append(row_for(server, registry.get("transfer").display_name,
                         *sub.successful()[:2], sub.success, sub.l2, sub.status,
                         seconds=seconds, queries=None))
     print(rows[-1]["method"], rows[-1]["class_a_accuracy"], f"{seconds:.0f} s",
@@ -379,8 +366,8 @@ def main(argv=None):
       "unlearning": dataclasses.asdict(server.unlearning_settings),
       "samples": len(labels), "ids": server.ids,
       "seeds": {"attack": args.seed, "server": args.server_seed},
-      "zoo_directions": dataclasses.asdict(zoo_settings(args, "directions").zoo),
-      "label_only": dataclasses.asdict(label_only_settings(args)),
+      "push_settings": dataclasses.asdict(push_settings(args)),
+      "pushers": [spec.name for spec in registry.ATTACKS.values() if spec.pushes],
       "unlearning_gradient": {"steps": args.ug_steps,
                               "learning_rate": args.ug_learning_rate,
                               "surrogate_epochs": args.surrogate_epochs,
