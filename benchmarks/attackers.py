@@ -49,7 +49,6 @@ import jax
 import numpy as np
 
 from experiments.attacks import registry
-from experiments.attacks.pushing import pushers
 from experiments.run import records
 from ounl_jax import checkpoint
 from ounl_jax import data as data_lib

@@ -44,7 +44,6 @@ from absl import flags
 
 from experiments.attacks import adaptive
 from experiments.setup import cli
-from experiments.run import errors
 from experiments.run import progress
 from experiments.run import records
 from experiments.setup import configs
@@ -109,7 +108,7 @@ def run(config: configs.ExperimentConfig, settings: DefenceConfig, workdir: str,
                          show_progress=show_progress)
   results = measure(ctx, config, settings, workdir, show_progress)
   results.update(seconds=time.time() - started, **records.run_metadata(
-      {**config.to_dict(), "defence": settings.to_dict()}))
+      {**config.to_dict(), "defence": dataclasses.asdict(settings)}))
   os.makedirs(workdir, exist_ok=True)
   report.plot_roc(results, os.path.join(workdir, "defences_roc.png"))
   adaptive.tradeoff_figure(results, os.path.join(workdir, "defences_tradeoff.png"))

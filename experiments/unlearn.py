@@ -19,7 +19,6 @@ import os
 from absl import flags
 import jax
 
-from experiments.run import errors
 from experiments.run import progress
 from experiments.run import records
 from experiments.run import training

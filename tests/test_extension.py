@@ -9,7 +9,6 @@ study, ``experiments.unlearn``), with no other file of the repo knowing of it.
 import dataclasses
 import json
 
-from absl import flags
 import jax
 import numpy as np
 import pytest
@@ -28,13 +27,13 @@ from ounl_jax.attacks import labels as labels_lib
 from ounl_jax.attacks import pushing as pushing_lib
 from ounl_jax.attacks import scheduler
 from ounl_jax.attacks import trajectory
-from tests.test_experiments import parse
-from tests.test_experiments import run_script
+from tests.experiments.test_experiments import parse
+from tests.experiments.test_experiments import run_script
 
 
 @pytest.fixture
 def mock_cifar10(monkeypatch, tmp_path):
-  from tests.test_experiments import _mock_data  # pylint: disable=g-import-not-at-top
+  from tests.experiments.test_experiments import _mock_data  # pylint: disable=g-import-not-at-top
   with _mock_data(monkeypatch, tmp_path, 300):
     yield tmp_path
 

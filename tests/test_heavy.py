@@ -9,8 +9,8 @@ import json
 import pytest
 
 from tests.conftest import real_data_dir
-from tests.test_experiments import parse
-from tests.test_experiments import run_script
+from tests.experiments.test_experiments import parse
+from tests.experiments.test_experiments import run_script
 
 
 @pytest.mark.heavy

@@ -7,7 +7,6 @@ early-stopped model, ``train_metrics.json`` the history and final accuracies.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from typing import Any, NamedTuple
@@ -15,6 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from experiments.run import data_guard
 from experiments.run import errors
 from experiments.run import progress
 from experiments.run import records
@@ -56,52 +56,6 @@ def split_report(trained_eval, split: data_lib.LabelledImages,
                                            split.labels, spec.num_classes)
   return {"loss": trained_eval.loss, "accuracy": trained_eval.accuracy,
           "per_class_accuracy": dict(zip(spec.class_names, per_class.tolist()))}
-
-
-def data_fingerprint(splits: data_lib.Splits) -> str:
-  """A content hash of the data a model is trained and evaluated on."""
-  digest = hashlib.sha256()
-  for split in splits:
-    for array in split:
-      digest.update(np.ascontiguousarray(array).tobytes())
-  return digest.hexdigest()[:16]
-
-
-def check_data_identity(workdir: str, config: configs.TrainConfig,
-                        splits: data_lib.Splits) -> None:
-  """Records the data a workdir was made with; refuses other data later.
-
-  A workdir's model, pushes and results depend on the exact images: rerunning it
-  on another copy of the data (another TFDS_DATA_DIR) would mix the two.
-  """
-  path = os.path.join(workdir, "data_fingerprint.json")
-  found = {"dataset": config.dataset, "fingerprint": data_fingerprint(splits),
-           "splits": data_lib.describe(splits)}
-  # The fix for a damaged or missing fingerprint must not disarm the guard:
-  # without the model there is nothing left to guard.
-  fresh_start = (f"Use another --workdir, or delete the model too (checkpoints/, "
-                 f"train_metrics.json and train_history.json in {workdir}) to "
-                 "train again here.")
-  if os.path.exists(path):
-    saved = records.read_json(
-        path, advice="The data this workdir's model was trained on can no longer "
-        "be checked. " + fresh_start)
-    if saved != records.to_jsonable(found):
-      raise errors.UserError(
-          f"{workdir} was made with other {config.dataset} data ({saved}) than "
-          f"this run reads ({found}): TFDS_DATA_DIR or --data_dir points at "
-          "another copy. Use another --workdir, or the data it was made with.")
-  else:
-    model = [name for name in ("train_metrics.json", "train_history.json",
-                               "checkpoints")
-             if os.path.exists(os.path.join(workdir, name))]
-    if model:
-      raise errors.UserError(
-          f"{workdir} holds a model ({', '.join(model)}) but no "
-          "data_fingerprint.json, so this run cannot tell whether that model was "
-          f"trained on the data it reads ({config.dataset}, "
-          f"{found['splits']}). {fresh_start}")
-    records.write_json(path, found)
 
 
 def _checkpoint_tree(state, best_variables, stopping, epoch) -> dict:
@@ -209,7 +163,7 @@ def train_or_restore(config: configs.TrainConfig, workdir: str,
   """
   spec = data_lib.get_spec(config.dataset)
   model = build_model(config)
-  check_data_identity(workdir, config, splits)
+  data_guard.check_data_identity(workdir, config, splits)
   metrics_path = os.path.join(workdir, "train_metrics.json")
   model_dir = os.path.join(workdir, "checkpoints", "model")
   epoch_dir = os.path.join(workdir, "checkpoints", "train")

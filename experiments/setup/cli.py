@@ -33,44 +33,20 @@ under ``if __name__ == "__main__":``; tests pass a fresh ``flags.FlagValues()``.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import re
 import sys
-import types
-import typing
 from typing import Any
 
 from absl import flags
 
 from experiments.run import errors
 from experiments.setup import configs
+from experiments.setup import fields
 from experiments.setup import overrides
 from experiments.setup import scales
 from experiments.setup import validation
 
 _KINDS = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
           float: flags.DEFINE_float, str: flags.DEFINE_string}
-
-
-def attribute_docs(cls) -> dict[str, str]:
-  """Each field's text in the ``Attributes:`` section of ``cls``'s docstring.
-
-  >>> attribute_docs(configs.TrainConfig)["patience"]
-  'epochs without a better validation loss before training stops.'
-  """
-  doc = inspect.getdoc(cls) or ""
-  found = re.search(r"^Attributes:\n((?:[ \t]+\S.*\n?|\n)*)", doc, re.M)
-  docs, names = {}, []
-  for line in (found.group(1) if found else "").splitlines():
-    entry = re.match(r"^  (\w+(?:, \w+)*): (.*)$", line)
-    if entry:
-      names = entry.group(1).split(", ")
-      for name in names:
-        docs[name] = entry.group(2)
-    elif line.strip():
-      for name in names:
-        docs[name] += " " + line.strip()
-  return docs
 
 
 def _owner(path: str) -> tuple[type, str]:
@@ -81,21 +57,6 @@ def _owner(path: str) -> tuple[type, str]:
   return type(parent), field
 
 
-def _kind(owner: type, field: str) -> type:
-  """The field's type, ``X | None`` read as X."""
-  hint = typing.get_type_hints(owner)[field]
-  if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-    hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-  return hint
-
-
-def _tuple_of(hint) -> type | None:
-  """X of ``tuple[X, ...]``, else None."""
-  if typing.get_origin(hint) is tuple:
-    return typing.get_args(hint)[0]
-  return None
-
-
 def _scale_note(flag: str) -> str:
   values = scales.differs(flag)
   return (" Per --scale: " + ", ".join(f"{k} {v}" for k, v in values.items())
@@ -104,14 +65,14 @@ def _scale_note(flag: str) -> str:
 
 def _define(fv, flag: str, path: str, choices: dict) -> None:
   owner, field = _owner(path)
-  text = attribute_docs(owner).get(field, field.replace("_", " ") + ".")
+  text = fields.attribute_docs(owner).get(field, field.replace("_", " ") + ".")
   default = scales.value(scales.DEFAULT_SCALE, flag)
   help_text = text + _scale_note(flag)
   if flag in choices:
     flags.DEFINE_enum(flag, default, list(choices[flag]), help_text,
                       flag_values=fv)
   else:
-    _KINDS[_kind(owner, field)](flag, default, help_text, flag_values=fv)
+    _KINDS[fields.kind(owner, field)](flag, default, help_text, flag_values=fv)
 
 
 def _registries() -> dict[str, tuple[str, ...]]:
@@ -153,14 +114,15 @@ def define_dataclass_flags(fv, default, *, choices: dict | None = None) -> None:
   """One flag per field of the dataclass instance ``default``, named as the field:
   its type from the annotation (a tuple is a comma-separated list), its help from
   the class's ``Attributes:`` docstring, its default from ``default``."""
-  owner, docs, choices = type(default), attribute_docs(type(default)), choices or {}
+  owner, choices = type(default), choices or {}
+  docs = fields.attribute_docs(owner)
   for field in dataclasses.fields(owner):
     value, text = getattr(default, field.name), docs.get(field.name, field.name)
-    kind = _kind(owner, field.name)
+    kind = fields.kind(owner, field.name)
     if field.name in choices:
       flags.DEFINE_enum(field.name, value, list(choices[field.name]), text,
                         flag_values=fv)
-    elif _tuple_of(kind) is not None:
+    elif fields.tuple_of(kind) is not None:
       flags.DEFINE_list(field.name, [f"{v:g}" if isinstance(v, float) else str(v)
                                      for v in value], text, flag_values=fv)
     else:
@@ -172,7 +134,7 @@ def dataclass_from_flags(fv, cls):
   names its flag."""
   values = {}
   for field in dataclasses.fields(cls):
-    value, item = fv[field.name].value, _tuple_of(_kind(cls, field.name))
+    value, item = fv[field.name].value, fields.tuple_of(fields.kind(cls, field.name))
     if item is not None:
       try:
         value = tuple(item(v) for v in value)

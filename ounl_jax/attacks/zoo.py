@@ -21,7 +21,7 @@ exactly ``sum(queries)``. On a multi-device mesh (``ounl_jax/devices.py``) the
 state and probe images are split by sample; only the query total and the "all
 done?" test cross devices (bit-identical per sample on forced host devices as long
 as the server's answers do not depend on the per-device batch;
-``tests/test_sharding.py``).
+``tests/ounl_jax/test_sharding.py``).
 
 Determinism: the same key gives bit-identical results. A sample's draws depend only
 on the key, its index and its iteration; the server's float32 answers can differ

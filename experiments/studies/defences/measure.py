@@ -12,7 +12,6 @@ import dataclasses
 import os
 import zipfile
 import zlib
-from typing import Any
 
 import numpy as np
 
@@ -21,12 +20,11 @@ from experiments.attacks import registry
 from experiments.run import errors
 from experiments.setup import configs
 from experiments.run import pipeline
-from experiments.attacks.pushing import attack
+from experiments.attacks.pushing import attack as push_attack
 from experiments.attacks.pushing import artefact
 from experiments.server import screens
 from ounl_jax import data as data_lib
 from ounl_jax import service as service_lib
-from ounl_jax.defences import hashing
 from ounl_jax.defences import screening
 from ounl_jax.defences import utility
 
@@ -72,9 +70,6 @@ class DefenceConfig:
       raise ValueError(f"calibrate_on must be one of {CALIBRATE_ON}, got "
                        f"{self.calibrate_on!r}.")
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
 
 def attack_sets(ctx: pipeline.Context, config: configs.ExperimentConfig,
                 workdir: str, pushed_path: str | None,
@@ -94,9 +89,9 @@ def attack_sets(ctx: pipeline.Context, config: configs.ExperimentConfig,
     pushed["reused"] = True
     source = os.path.abspath(pushed_path)
   else:
-    pushed = attack.push_for(ctx, config, workdir,
-                             registry.get(config.attack.name),
-                             show_progress=show_progress)
+    pushed = push_attack.push_for(ctx, config, workdir,
+                                  registry.get(config.attack.name),
+                                  show_progress=show_progress)
     source = "WORKDIR/attack (push matching the flags)"
   rows = artefact.submitted_rows(pushed)
   empty = (np.zeros((0,) + tuple(ctx.spec.image_shape), np.float32),

@@ -6,7 +6,7 @@ import pytest
 
 from ounl_jax.attacks import margin_evasion as me
 from ounl_jax.attacks import pushing
-from tests import test_pushing as tp
+from tests.ounl_jax.attacks import test_pushing as tp
 
 
 def margins(images):

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from experiments.setup import configs
+from experiments.run import data_guard
 from experiments.run import training
 from ounl_jax import checkpoint
 from ounl_jax import train as train_lib
-from tests.test_train import random_splits
+from tests.ounl_jax.test_train import random_splits
 
 TREE = {"a": np.arange(6, dtype=np.float32), "b": {"c": np.ones((2, 3), np.int32)}}
 
@@ -123,7 +124,7 @@ def test_training_resumes_past_a_corrupt_epoch_checkpoint(tmp_path, capsys):
   splits = random_splits(n=32)
   # What training writes before its checkpoints: the data's fingerprint and the
   # history (the workdir guards refuse checkpoints without them).
-  training.check_data_identity(str(tmp_path), config, splits)
+  data_guard.check_data_identity(str(tmp_path), config, splits)
   (tmp_path / "train_history.json").write_text(json.dumps(
       [{"epoch": e, "epoch_seconds": 1.0} for e in (0, 1)]))
   best = {}

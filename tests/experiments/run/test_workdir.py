@@ -3,6 +3,7 @@ user errors with exit status 2 (issue 24)."""
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from experiments.run import data_guard
 from experiments.run import errors
 from experiments.run import records
 from experiments.run import training
@@ -19,10 +21,12 @@ from experiments.setup import configs
 from experiments.studies.stealthiness import measure as stealthiness_measure
 from ounl_jax import data as data_lib
 from ounl_jax import service as service_lib
-from tests.test_experiments import mock_cifar10  # pylint: disable=unused-import
-from tests.test_experiments import parse, run_script
+from tests.experiments.test_experiments import mock_cifar10  # pylint: disable=unused-import
+from tests.experiments.test_experiments import parse
+from tests.experiments.test_experiments import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = next(str(p) for p in pathlib.Path(__file__).resolve().parents
+            if (p / "pyproject.toml").exists())
 
 
 def _dead_pid() -> int:
@@ -116,18 +120,18 @@ def test_the_data_guard_refuses_a_model_without_a_fingerprint(tmp_path):
   workdir = str(tmp_path)
   (tmp_path / "train_metrics.json").write_text("{}")
   with pytest.raises(errors.UserError, match="no data_fingerprint.json") as refused:
-    training.check_data_identity(workdir, config, _splits())
+    data_guard.check_data_identity(workdir, config, _splits())
   assert not (tmp_path / "data_fingerprint.json").exists()
   assert "another --workdir" in str(refused.value)
   # An empty workdir gets its fingerprint; the same data passes again.
   os.remove(tmp_path / "train_metrics.json")
-  training.check_data_identity(workdir, config, _splits())
-  training.check_data_identity(workdir, config, _splits())
+  data_guard.check_data_identity(workdir, config, _splits())
+  data_guard.check_data_identity(workdir, config, _splits())
   # Cut short: the advice keeps the guard (no "delete it and rerun").
   path = tmp_path / "data_fingerprint.json"
   path.write_text(path.read_text()[:20])
   with pytest.raises(errors.UserError, match="data_fingerprint.json") as cut:
-    training.check_data_identity(workdir, config, _splits())
+    data_guard.check_data_identity(workdir, config, _splits())
   message = str(cut.value)
   assert "\n" not in message and records.REWRITE not in message
   assert "delete the model too" in message

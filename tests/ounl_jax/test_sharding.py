@@ -2,7 +2,7 @@
 host devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` on the CPU.
 
 The flag must be set before JAX starts, so the checks run in one subprocess
-(``python tests/test_sharding.py``, which prints one JSON line) and the tests assert
+(``python tests/ounl_jax/test_sharding.py``, which prints one JSON line) and the tests assert
 on its report. In that process, with the tiny task and MLP of ``tests/tiny.py``:
 
 * a short ZOO push (7 samples, at most 4 in flight, early abort and first-crossing
@@ -27,6 +27,7 @@ batch-size effect as docs/protocol.md §19, not the sharding's.
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -41,7 +42,8 @@ def _report() -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
                           f"platform_device_count={DEVICES}").strip())
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = next(str(p) for p in pathlib.Path(__file__).resolve().parents
+                if (p / "pyproject.toml").exists())
     done = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=root,
                           env=env, capture_output=True, text=True, timeout=300,
                           check=False)

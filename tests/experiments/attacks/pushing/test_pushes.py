@@ -14,7 +14,7 @@ from experiments.attacks.pushing import released_rule
 from experiments.attacks.pushing import sample_rules
 from ounl_jax import data as data_lib
 from ounl_jax.attacks import labels as labels_lib
-from tests import test_pushing as tp
+from tests.ounl_jax.attacks import test_pushing as tp
 
 ROWS = ("ids", "pushing_i", "pushing_ii", "queries", "iterations")
 
