@@ -72,7 +72,7 @@ class QueryTooLarge(ValueError):
   """One eager query holds more images than the server answers at once."""
 
 
-def _row_count(images) -> int:
+def row_count(images) -> int:
   """The number of images, read without converting (copying) anything."""
   shape = getattr(images, "shape", None)
   if shape is not None:
@@ -194,7 +194,7 @@ class Query:
 
   def _check_size(self, images) -> None:
     """``QueryTooLarge`` above the cap, read from the shape (no copy)."""
-    count = _row_count(images)
+    count = row_count(images)
     if self.max_query_images is not None and count > self.max_query_images:
       raise QueryTooLarge(
           f"Query of {count} images exceeds this server's limit of "

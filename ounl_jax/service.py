@@ -192,12 +192,9 @@ class RequestLimits:
 
 def _count(images) -> int:
   """The number of images, read without converting (copying) the array."""
-  shape = getattr(images, "shape", None)
-  if shape is not None:
-    return int(shape[0]) if len(shape) else 0
   try:
-    return len(images)
-  except TypeError as error:
+    return oracle_lib.row_count(images)
+  except ValueError as error:
     raise InvalidRequestError(
         f"Images must be an array (N, H, W, C), got {type(images).__name__}."
     ) from error

@@ -115,6 +115,9 @@ def attack_lines(results: dict) -> list[str]:
                     f"(with it: {speed['attack_queries_per_second_with_compiling']:,.0f}"
                     f" images/s, ratio {speed['ratio_with_compiling']:.2f})."
                     if compiling is not None else "."))
+  if attack.get("slot_occupancy") is not None:
+    lines.append(f"- Slot occupancy: {attack['slot_occupancy']:.3f} of the pushes' "
+                 "batch rows x iterations run held a live sample.")
   return lines
 
 

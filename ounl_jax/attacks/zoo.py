@@ -70,7 +70,7 @@ class ZooSettings:
     beta1, beta2, epsilon: ADAM constants (0.9, 0.999, 1e-8).
     reset_adam_on_success: zero the ADAM moments and counters when the margin term
       first reaches its minimum (``--reset_adam``, True).
-    max_iterations: per sample (20000).
+    max_iterations: ZOO iterations at most, per sample (the paper: 20,000).
     abort_early: stop a sample whose loss did not fall below 0.9999 x its value
       ``early_abort_every`` iterations before.
     early_abort_every: 100.

@@ -95,6 +95,11 @@ def test_scripts_write_well_formed_outputs_on_mock_data(mock_cifar10, script,
   assert path == str(workdir / "results.json")
   results = json.loads((workdir / "results.json").read_text())
   check_schema(results, conditions)
+  if script == "pushing":
+    # Busy slot-iterations over slot-iterations of the scheduler's batches.
+    occupancy = results["attack"]["slot_occupancy"]
+    assert 0 < occupancy <= 1
+    assert results["throughput"]["slot_occupancy"] == occupancy
   assert (workdir / "results.md").read_text().startswith("# ")
   for png in (f"{script}_class_accuracy.png", f"{script}_prediction_distribution.png"):
     assert (workdir / png).read_bytes()[:4] == b"\x89PNG"

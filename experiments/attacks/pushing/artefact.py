@@ -31,6 +31,7 @@ ROW_FIELDS = ("ids", "original") + RESULT_FIELDS + tuple(
 SUMMARY_FIELDS = ("candidates_tried", "candidates_misclassified",
                   "screening_queries", "oracle_queries", "requested",
                   "push_queries", "seconds", "compile_seconds", "pushed_now",
+                  "slot_iterations", "busy_slot_iterations",
                   "reused")
 
 
@@ -98,6 +99,21 @@ def _stats(values) -> dict:
           "std": float(values.std()), "max": float(values.max())}
 
 
+def slot_occupancy(pushed: dict) -> float | None:
+  """Busy slot-iterations / slot-iterations of this run's pushes
+  (``scheduler.Statistics``); None when nothing was pushed now, or for a pusher
+  without a compiled batch."""
+  slots = int(pushed.get("slot_iterations", 0))
+  return int(pushed["busy_slot_iterations"]) / slots if slots else None
+
+
+def occupancy_counts(result: pushing_lib.PushResult) -> dict:
+  """A push's scheduler counts, as summary fields."""
+  return {"slot_iterations": np.asarray(result.statistics.slot_iterations),
+          "busy_slot_iterations": np.asarray(
+              result.statistics.busy_slot_iterations)}
+
+
 def statistics(pushed: dict) -> dict:
   """What results.json reports of a push: counts, failures, L2, queries, time."""
   attacked = pushed["attacked"]
@@ -112,7 +128,8 @@ def statistics(pushed: dict) -> dict:
            "screening_queries": int(pushed["screening_queries"]),
            "oracle_queries": int(pushed["oracle_queries"]),
            "attack_seconds": float(pushed["seconds"]),
-           "reused_saved_push": bool(pushed["reused"])}
+           "reused_saved_push": bool(pushed["reused"]),
+           "slot_occupancy": slot_occupancy(pushed)}
   for name in METHODS:
     success = pushed[f"{name}_success"]
     statuses, counts = np.unique(pushed[f"{name}_status"], return_counts=True)

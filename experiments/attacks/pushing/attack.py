@@ -138,6 +138,7 @@ def throughput(ctx: pipeline.Context, settings: pushing_lib.PushSettings,
           "attack_queries_per_second_with_compiling": with_compiling,
           "ratio_with_compiling": with_compiling / forward,
           "samples_timed": int(pushed["pushed_now"]),
+          "slot_occupancy": artefact.slot_occupancy(pushed),
           "devices": len(jax.devices()), "forward_batch": int(batch.shape[0])}
 
 

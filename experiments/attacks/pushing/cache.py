@@ -94,6 +94,7 @@ def cached_push(workdir: str, key: str, run) -> dict:
   if saved is not None:
     saved["reused"] = True
     saved["pushed_now"] = np.asarray(0)  # Timed by the run that saved it.
+    saved["slot_iterations"] = np.asarray(0)
     return saved
   started = time.time()
   arrays = run()

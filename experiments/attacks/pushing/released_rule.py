@@ -67,7 +67,8 @@ def _push_stream(oracle, samples, keys, attack, hardness, on_chunk):
                        keys[order], oracle.init(), on_chunk)
   arrays = artefact.to_arrays(samples.take(order), result)
   back = np.argsort(order)
-  return {k: v[back] for k, v in arrays.items()}, int(result.oracle_state.queries)
+  return ({k: v[back] for k, v in arrays.items()},
+          int(result.oracle_state.queries), artefact.occupancy_counts(result))
 
 
 def _push_positions(oracle, candidates, queue, begin, end, key, attack, size, bar,
@@ -75,9 +76,10 @@ def _push_positions(oracle, candidates, queue, begin, end, key, attack, size, ba
   """Pushes queue positions [begin, end): one stream, or one call per block."""
   if attack.per_sample_keys:
     samples = candidates.take(queue[begin:end])
-    return _push_stream(oracle, samples, blocks.sample_keys(key, np.arange(begin, end), size),
-                        attack, hardness[queue[begin:end]], sample_rules.bar_callback(bar, offset))
-  parts, queries = [], 0
+    keys = blocks.sample_keys(key, np.arange(begin, end), size)
+    return _push_stream(oracle, samples, keys, attack, hardness[queue[begin:end]],
+                        sample_rules.bar_callback(bar, offset))
+  parts, queries, counts = [], 0, []
   for b in range(begin // size, -(-end // size)):  # Whole blocks: fold_in(key, b).
     first, last = b * size, min((b + 1) * size, end)
     samples = candidates.take(queue[first:last])
@@ -86,7 +88,9 @@ def _push_positions(oracle, candidates, queue, begin, end, key, attack, size, ba
                          sample_rules.bar_callback(bar, offset + first - begin))
     parts.append(artefact.to_arrays(samples, result))
     queries += int(result.oracle_state.queries)
-  return artefact.concatenate(parts), queries
+    counts.append(artefact.occupancy_counts(result))
+  return artefact.concatenate(parts), queries, {
+      k: np.asarray(sum(int(c[k]) for c in counts)) for k in counts[0]}
 
 
 def _warn_if_few_succeed(rows: dict, needed: int, left: int) -> None:
@@ -171,7 +175,8 @@ class _Stream:
     self.queue, self.requested, self.size = queue, requested, size
     self.store, self.bar = store, bar
     self.taken, self.saved, self.done, self.position = [], {}, 0, 0
-    self.fresh = {"queries": 0, "seconds": 0.0, "compile_seconds": 0.0, "rows": 0}
+    self.fresh = {"queries": 0, "seconds": 0.0, "compile_seconds": 0.0, "rows": 0,
+                  "slot_iterations": 0, "busy_slot_iterations": 0}
 
 
 def _push_more(stream: _Stream, oracle, candidates, key, attack) -> dict:
@@ -182,10 +187,12 @@ def _push_more(stream: _Stream, oracle, candidates, key, attack) -> dict:
     end = -(-end // stream.size) * stream.size
   end = min(end, len(queue.order))
   started, compiled = time.time(), compiling.compile_seconds()
-  rows, queries = _push_positions(oracle, candidates, queue.order, position, end,
-                                  key, attack, stream.size, stream.bar,
-                                  stream.done, queue.hardness)
+  rows, queries, counts = _push_positions(
+      oracle, candidates, queue.order, position, end, key, attack, stream.size,
+      stream.bar, stream.done, queue.hardness)
   fresh = stream.fresh
+  for name, count in counts.items():
+    fresh[name] += int(count)
   fresh["queries"] += queries
   fresh["seconds"] += time.time() - started
   fresh["compile_seconds"] += compiling.compile_seconds() - compiled
@@ -228,5 +235,7 @@ def _summary(stream: _Stream, queue: _Queue, candidates: int) -> dict:
       push_queries=np.asarray(fresh["queries"]),
       seconds=np.asarray(fresh["seconds"]),
       compile_seconds=np.asarray(fresh["compile_seconds"]),
-      pushed_now=np.asarray(fresh["rows"]), reused=np.asarray(fresh["rows"] == 0))
+      pushed_now=np.asarray(fresh["rows"]), reused=np.asarray(fresh["rows"] == 0),
+      slot_iterations=np.asarray(fresh["slot_iterations"]),
+      busy_slot_iterations=np.asarray(fresh["busy_slot_iterations"]))
   return arrays

@@ -79,5 +79,6 @@ def push_fraction_first(oracle, samples: data_lib.LabelledImages, key: jax.Array
                 push_queries=np.asarray(result.oracle_queries),
                 pushed_now=np.asarray(len(samples)),
                 compile_seconds=np.asarray(compiled),
-                requested=np.asarray(len(samples)))
+                requested=np.asarray(len(samples)),
+                **artefact.occupancy_counts(result))
   return arrays

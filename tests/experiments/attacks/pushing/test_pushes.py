@@ -147,8 +147,8 @@ def test_a_stream_admits_the_hardest_first_and_the_order_changes_no_row():
   samples = candidates().take(np.arange(8))
   keys = blocks.sample_keys(jax.random.key(7), np.arange(8), 4)
   margin = np.linspace(0.0, 1.0, 8)
-  hardest_first, _ = released_rule._push_stream(oracle, samples, keys, base, margin, None)
-  easiest_first, _ = released_rule._push_stream(oracle, samples, keys, base, -margin, None)
+  hardest_first, _, _ = released_rule._push_stream(oracle, samples, keys, base, margin, None)
+  easiest_first, _, _ = released_rule._push_stream(oracle, samples, keys, base, -margin, None)
   assert_same_rows(hardest_first, easiest_first)
   np.testing.assert_array_equal(hardest_first["ids"], samples.ids)
 
