@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from experiments.reports import figures
 
+from experiments.attacks import registry
+from experiments.reports import figures
 
 
 CONDITION_NAMES = {"clean": "Clean model", "normal": "Normal unlearning",
@@ -59,6 +60,12 @@ def histogram_table(results: dict) -> list[str]:
   return lines
 
 
+def attacker_name(name: str) -> str:
+  """The attack's registered display name and its ``--attack`` value."""
+  spec = registry.ATTACKS.get(name)
+  return f"{spec.display_name} (`{name}`)" if spec else f"`{name}`"
+
+
 def attack_lines(results: dict) -> list[str]:
   attack = results["attack"]
   if results["experiment"] == "blending":
@@ -66,14 +73,14 @@ def attack_lines(results: dict) -> list[str]:
             f"{results['class_b']}; submitted labels: "
             f"{attack['submitted_label_counts']}; {attack['queries']} oracle queries."]
   if results["experiment"] == "unlearning_gradient":
-    return [f"- Attacker `{results['attacker']}`"
+    return [f"- Attacker {attacker_name(results['attacker'])}"
             + (" (white-box: the server's model, the upper bound)"
                if results["white_box"] else " (surrogate transfer)")
             + f"; {attack['successes']}/{attack['samples']} within the L2 bound "
             f"(mean {attack['l2_mean']}); objective {attack['objective_first']} -> "
             f"{attack['objective_final']}."]
   submitted = len(results["submitted_ids"])
-  lines = [f"- Attacker `{results.get('attacker', 'zoo')}`; sample rule "
+  lines = [f"- Attacker {attacker_name(results.get('attacker', 'zoo'))}; sample rule "
            f"`{results.get('sample_rule', 'fraction_first')}`: N = "
            f"{attack['requested']} requested; {attack['candidates_tried']} "
            f"candidates tried ({attack['candidates_misclassified']} misclassified "
