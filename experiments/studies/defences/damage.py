@@ -77,6 +77,9 @@ def _fit_lines(results: dict) -> list[str]:
   lines = []
   for name, entry in results.get("protections", {}).items():
     fit = {k: v for k, v in entry["fit"].items() if not isinstance(v, list)}
+    if entry.get("honest"):
+      fit["extra seconds per honest request"] = entry["honest"][
+          "seconds_per_request"]
     if fit:
       lines.append(f"{entry['display_name']} fit: " + ", ".join(
           f"{k.replace('_', ' ')} {_fmt(v, digits=3) if isinstance(v, float) else v}"
