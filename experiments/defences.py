@@ -48,7 +48,9 @@ from experiments.run import progress
 from experiments.run import records
 from experiments.setup import configs
 from experiments.studies.defences import report
+from experiments.studies.defences import damage
 from experiments.studies.defences import measure as study
+from experiments.studies.defences import protect
 from experiments.run import pipeline
 from experiments.setup import validation
 
@@ -64,10 +66,15 @@ def measure(ctx: pipeline.Context, config: configs.ExperimentConfig,
                                                      settings.adaptive_kappas)
   attacks.update(evading, **adaptive.mixed_sets(
       attacks["normal"], attacks["pushing_ii"], settings.mix_fractions))
-  notes["sizes"] = {k: int(len(v[1])) for k, v in attacks.items()}
   calibration, evaluation = study.screens.honest_halves(
       ctx.splits.train, user_ids, settings.honest_samples,
       config.server.defence_seed)
+  size = max(1, max(len(v[1]) for v in attacks.values()))
+  fitted = protect.fit_protections(ctx, config, calibration, size)
+  if "record_matching" in fitted:
+    attacks.update(adaptive.projected_sets(
+        attacks, fitted["record_matching"].details["radius"]))
+  notes["sizes"] = {k: int(len(v[1])) for k, v in attacks.items()}
   evaluation_jpeg = study.screens.jpeg_reencode(evaluation.images,
                                                 settings.jpeg_quality)
   scorers = study.fit_sample_defences(ctx, calibration,
@@ -78,10 +85,9 @@ def measure(ctx: pipeline.Context, config: configs.ExperimentConfig,
   screened = adaptive.after_screening(ctx, config, {
       name: scorer.score for name, scorer in scorers.items()}, sample_results,
                                       attacks)
-  size = max(1, max(len(v[1]) for v in attacks.values()))
   guard = study.utility_guard_results(ctx, config, calibration, evaluation,
                                       attacks, settings, size)
-  return {
+  results = {
       "experiment": "defences (paper Sec. VII)",
       "dataset": ctx.spec.name,
       "data_note": ("CIFAR-10 (JPEG-q75 copy)" if ctx.spec.name == "cifar10"
@@ -94,7 +100,11 @@ def measure(ctx: pipeline.Context, config: configs.ExperimentConfig,
       "sample_defences": sample_results,
       "utility_guard": guard,
       "after_screening": screened,
+      "protections": protect.measure(ctx, config, settings, fitted, evaluation,
+                                     attacks, size),
   }
+  results["damage_kept"] = protect.damage_kept_map(results)
+  return results
 
 
 def run(config: configs.ExperimentConfig, settings: DefenceConfig, workdir: str,
@@ -112,6 +122,7 @@ def run(config: configs.ExperimentConfig, settings: DefenceConfig, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   report.plot_roc(results, os.path.join(workdir, "defences_roc.png"))
   adaptive.tradeoff_figure(results, os.path.join(workdir, "defences_tradeoff.png"))
+  damage.figure(results, os.path.join(workdir, "defences_damage.png"))
   with open(os.path.join(workdir, "defences.md"), "w") as f:
     f.write(report.markdown(results))
   return records.write_json(os.path.join(workdir, "defences.json"),

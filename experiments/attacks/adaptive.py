@@ -11,6 +11,16 @@ Two users who know the server screens requests (issue 13; not in the paper):
   Pushing-II and the rest the user's other samples unmodified, to stay under the
   utility guard's accuracy-drop bounds.
 
+Two against the protections (issue 25, ``experiments/server/protections.py``):
+
+* **Projection** (``pushing_i_projected``, ``pushing_ii_projected``): the push's
+  low-pass part (the record-matching space, docs/defences.md) shrunk to within
+  the match radius of the user's own original, the rest kept
+  (``project_within_radius``): each sample then matches its original.
+* **Many small requests** (``<attack>_split<k>``, made by
+  ``experiments/studies/defences/protect.py``): the attack's request sent as k
+  requests in sequence, to stay under a per-request damage bound.
+
 ``after_screening`` measures what a server that drops the flagged samples and
 unlearns the rest ends up with (class-A and overall accuracy), per screen and
 attack; ``tradeoff_figure`` plots detection against the class-A gap left.
@@ -24,6 +34,7 @@ from experiments.attacks.pushing import artefact
 from experiments.run import pipeline
 from ounl_jax import service as service_lib
 from ounl_jax.attacks import margin_evasion
+from ounl_jax.defences import record_matching
 from ounl_jax.defences import screening
 from experiments.reports import figures
 
@@ -40,6 +51,11 @@ def label(attack: str) -> str:
     return f"{names[base]}, margin >= {kappa} (adaptive)"
   if attack.startswith("mixed_"):
     return f"Pushing-II {float(attack[6:]):.0%} + honest (adaptive)"
+  if attack.endswith("_projected") and attack[:-10] in names:
+    return f"{names[attack[:-10]]}, projected to its record (adaptive)"
+  if "_split" in attack:
+    base, k = attack.split("_split")
+    return f"{names.get(base, base)} in {k} requests (adaptive)"
   return attack
 
 
@@ -76,6 +92,28 @@ def mixed_sets(normal: tuple, pushing_ii: tuple, fractions) -> dict:
     sets[f"mixed_{p:g}"] = (np.concatenate([pushing_ii[0][:k], normal[0][k:]]),
                             np.concatenate([pushing_ii[1][:k], normal[1][k:]]))
   return sets
+
+
+def project_within_radius(original, pushed, radius: float,
+                          slack: float = 0.9) -> np.ndarray:
+  """``pushed`` with the low-pass part P d of its push d = pushed - original
+  scaled to L2 at most ``slack * radius`` (the rest, (I - P) d, kept), clipped to
+  the pixel range: within the match radius of ``original`` (up to the clipping)."""
+  settings = record_matching.MatchSettings()
+  low = (record_matching.project(pushed, settings)
+         - record_matching.project(original, settings))
+  norms = np.sqrt((low.astype(np.float64) ** 2).reshape(len(low), -1).sum(1))
+  scale = np.minimum(1.0, slack * radius / np.maximum(norms, 1e-12))
+  moved = pushed - (1.0 - scale)[:, None, None, None] * low
+  return np.clip(moved, -0.5, 0.5).astype(np.float32)
+
+
+def projected_sets(attacks: dict, radius: float) -> dict:
+  """Pushing-I / II projected to within ``radius`` of their originals."""
+  original = attacks["normal"][0]
+  return {f"{name}_projected": (project_within_radius(original, attacks[name][0],
+                                                      radius), attacks[name][1])
+          for name in ("pushing_i", "pushing_ii") if len(attacks[name][1])}
 
 
 _EMPTY = (np.zeros((0, 1, 1, 1), np.float32), np.zeros(0, np.int32))

@@ -112,6 +112,20 @@ def honest_halves(train: data_lib.LabelledImages, exclude_ids: np.ndarray,
           train.take(np.sort(pool[per_half:2 * per_half])))
 
 
+def honest_requests(pool: data_lib.LabelledImages, size: int, count: int,
+                    num_classes: int, seed: int) -> list:
+  """``count`` seeded single-class requests of up to ``size`` samples (the classes
+  present in ``pool`` in turn)."""
+  rng = np.random.default_rng(seed)
+  present = [c for c in range(num_classes) if np.any(pool.labels == c)]
+  requests = []
+  for i in range(count):
+    members = np.flatnonzero(pool.labels == present[i % len(present)])
+    chosen = np.sort(rng.choice(members, min(size, len(members)), replace=False))
+    requests.append(pool.take(chosen))
+  return requests
+
+
 def _hash(kind: str):
   def scorer(ctx, calibration, rate):
     del calibration, rate

@@ -140,7 +140,7 @@ def embed(images, settings: MatchSettings = MatchSettings()) -> np.ndarray:
   n, h, w, c = images.shape
   tiles = images.reshape(n, h // b, b, w // b, b, c).mean(axis=(2, 4),
                                                           dtype=np.float64)
-  return (tiles * b).reshape(n, -1).astype(np.float32)
+  return (tiles * b).reshape(n, (h // b) * (w // b) * c).astype(np.float32)
 
 
 def project(images, settings: MatchSettings = MatchSettings()) -> np.ndarray:

@@ -23,7 +23,6 @@ from experiments.run import pipeline
 from experiments.attacks.pushing import attack as push_attack
 from experiments.attacks.pushing import artefact
 from experiments.server import screens
-from ounl_jax import data as data_lib
 from ounl_jax import service as service_lib
 from ounl_jax.defences import screening
 from ounl_jax.defences import utility
@@ -49,6 +48,9 @@ class DefenceConfig:
     adaptive_kappas: margins the adaptive (margin-evading) pushes keep
       (experiments/attacks/adaptive.py).
     mix_fractions: Pushing-II shares of the adaptive mixed requests.
+    split_requests: the many-small-requests user against the protections:
+      Pushing-II sent as k requests in sequence, for each k here
+      (experiments/studies/defences/protect.py).
   """
 
   honest_samples: int = 2000
@@ -58,6 +60,7 @@ class DefenceConfig:
   pushed: str | None = None
   adaptive_kappas: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
   mix_fractions: tuple[float, ...] = (0.25, 0.5)
+  split_requests: tuple[int, ...] = (4,)
 
   def __post_init__(self):
     if not all(0 < k < 1 for k in self.adaptive_kappas):
@@ -66,6 +69,9 @@ class DefenceConfig:
     if not all(0 < p <= 1 for p in self.mix_fractions):
       raise ValueError(f"mix_fractions must lie in (0, 1], got "
                        f"{list(self.mix_fractions)}.")
+    if not all(k >= 2 for k in self.split_requests):
+      raise ValueError(f"split_requests must be >= 2, got "
+                       f"{list(self.split_requests)}.")
     if self.calibrate_on not in CALIBRATE_ON:
       raise ValueError(f"calibrate_on must be one of {CALIBRATE_ON}, got "
                        f"{self.calibrate_on!r}.")
@@ -182,20 +188,6 @@ def sample_defence_results(scorers, calibration, evaluation, evaluation_jpeg,
   return results
 
 
-def honest_requests(pool: data_lib.LabelledImages, size: int, count: int,
-                    num_classes: int, seed: int) -> list:
-  """``count`` seeded single-class requests of up to ``size`` samples (the classes
-  present in ``pool`` in turn)."""
-  rng = np.random.default_rng(seed)
-  present = [c for c in range(num_classes) if np.any(pool.labels == c)]
-  requests = []
-  for i in range(count):
-    members = np.flatnonzero(pool.labels == present[i % len(present)])
-    chosen = np.sort(rng.choice(members, min(size, len(members)), replace=False))
-    requests.append(pool.take(chosen))
-  return requests
-
-
 def guard_drops(ctx, config, guard, images, labels) -> tuple[float, float, bool]:
   """(overall drop, worst class drop, refused) of one request on a fresh server."""
   try:
@@ -216,7 +208,7 @@ def utility_guard_results(ctx, config, calibration, evaluation, attacks: dict,
                            variables, holdout.images, holdout.labels)
   k = ctx.spec.num_classes
   cal = [guard_drops(ctx, config, open_guard, r.images, r.labels)
-         for r in honest_requests(calibration, size, settings.guard_requests, k,
+         for r in screens.honest_requests(calibration, size, settings.guard_requests, k,
                                   config.server.defence_seed)]
   rate = config.server.false_rejection_rate
   bounds = utility.UtilitySettings(
@@ -224,7 +216,7 @@ def utility_guard_results(ctx, config, calibration, evaluation, attacks: dict,
       max_class_drop=screening.calibrate([c[1] for c in cal], rate))
   guard = open_guard._replace(settings=bounds)
   honest = [guard_drops(ctx, config, guard, r.images, r.labels)
-            for r in honest_requests(evaluation, size, settings.guard_requests, k,
+            for r in screens.honest_requests(evaluation, size, settings.guard_requests, k,
                                      config.server.defence_seed + 1)]
   honest_worst = [h[1] for h in honest]
   result = {"holdout": "valid split", "request_size": size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from experiments.attacks import adaptive
+from experiments.studies.defences import damage
 from experiments.server import screens
 from ounl_jax.defences import screening
 from experiments.reports import figures
@@ -82,7 +83,8 @@ def markdown(results: dict) -> str:
       "request was refused, its false rejection the fraction of "
       f"{results['config']['defence']['guard_requests']} other honest requests "
       "refused.", *_fit_lines(results), ""]
-  return "\n".join(lines + after_screening_lines(results, attacks))
+  return "\n".join(lines + after_screening_lines(results, attacks)
+                   + damage.markdown_lines(results))
 
 
 def after_screening_lines(results: dict, attacks: list) -> list[str]:
