@@ -18,7 +18,7 @@ GOAL_KEPT, GOAL_REFUSAL, GOAL_COST = 0.8, 0.01, 0.005
 def _fmt(value, scale=1.0, digits=2):
   if value is None or (isinstance(value, float) and not np.isfinite(value)):
     return "n/a"
-  return f"{scale * value:.{digits}f}"
+  return f"{round(scale * value, digits) + 0.0:.{digits}f}"  # No "-0.00".
 
 
 def defence_rows(results: dict) -> dict:
