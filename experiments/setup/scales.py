@@ -37,7 +37,7 @@ SCALES = {
     },
     "cpu": {
         # Calibrated (README, docs/results.md): every training image, so that the
-        # user's 10% of class A is the paper's N = 400; about 19 minutes on 2 cores.
+        # user's 10% of class A is the paper's N = 400; about 12 minutes on 2 cores.
         "width": 16,
         "epochs": 12,
         "patience": 3,
