@@ -55,13 +55,19 @@ from experiments.run import pipeline
 from experiments.setup import validation
 
 DefenceConfig = study.DefenceConfig
+STAGES = ("attack sets", "margin-evading pushes", "fitting protections",
+          "fitting screens", "screens on every attack", "unlearning after screens",
+          "utility guard", "protections on every attack")
 
 
 def measure(ctx: pipeline.Context, config: configs.ExperimentConfig,
             settings: DefenceConfig, workdir: str, show_progress: bool) -> dict:
   """Every defence against every attack (score arrays kept for the ROC plot)."""
+  stage = progress.stages(STAGES, desc="defences study", enabled=show_progress)
+  next(stage)
   attacks, user_ids, notes, (pushed, rows) = study.attack_sets(
       ctx, config, workdir, settings.pushed, show_progress)
+  next(stage)
   evading, notes["adaptive"] = adaptive.evasion_sets(ctx, config, pushed, rows,
                                                      settings.adaptive_kappas)
   attacks.update(evading, **adaptive.mixed_sets(
@@ -70,6 +76,7 @@ def measure(ctx: pipeline.Context, config: configs.ExperimentConfig,
       ctx.splits.train, user_ids, settings.honest_samples,
       config.server.defence_seed)
   size = max(1, max(len(v[1]) for v in attacks.values()))
+  next(stage)
   fitted = protect.fit_protections(ctx, config, calibration, size)
   if "record_matching" in fitted:
     attacks.update(adaptive.projected_sets(
@@ -77,16 +84,21 @@ def measure(ctx: pipeline.Context, config: configs.ExperimentConfig,
   notes["sizes"] = {k: int(len(v[1])) for k, v in attacks.items()}
   evaluation_jpeg = study.screens.jpeg_reencode(evaluation.images,
                                                 settings.jpeg_quality)
+  next(stage)
   scorers = study.fit_sample_defences(ctx, calibration,
                                      config.server.false_rejection_rate)
+  next(stage)
   sample_results = study.sample_defence_results(
       scorers, calibration, evaluation, evaluation_jpeg, attacks, settings,
       config.server)
+  next(stage)
   screened = adaptive.after_screening(ctx, config, {
       name: scorer.score for name, scorer in scorers.items()}, sample_results,
                                       attacks)
+  next(stage)
   guard = study.utility_guard_results(ctx, config, calibration, evaluation,
                                       attacks, settings, size)
+  next(stage)
   results = {
       "experiment": "defences (paper Sec. VII)",
       "dataset": ctx.spec.name,
@@ -104,6 +116,7 @@ def measure(ctx: pipeline.Context, config: configs.ExperimentConfig,
                                      attacks, size),
   }
   results["damage_kept"] = protect.damage_kept_map(results)
+  next(stage, None)
   return results
 
 
