@@ -23,7 +23,8 @@ def _fmt(value, scale=1.0, digits=2):
 
 def defence_rows(results: dict) -> dict:
   """``{defence: (display name, honest refusal, honest overall cost, class-A
-  cost, {attack: class-A after})}`` for every defence in the damage map."""
+  cost, {attack: class-A after})}`` for every defence in the damage map; the
+  unmodified request (``normal``) is among the attacks."""
   jpeg = results["config"]["defence"]["calibrate_on"] == "jpeg"
   rows = {}
   for name, entry in results.get("protections", {}).items():
@@ -46,14 +47,28 @@ def _cost(change):
   return None if change is None else -change
 
 
-def meets_goal(kept: dict, refusal, cost) -> bool:
+def meets_goal(kept: dict, refusal, cost, shift=None) -> bool:
   """Damage kept >= 80% against every attacker that did damage (at least one
-  did), honest refusal <= 1%, honest overall cost <= 0.5 points (unmeasured:
-  not held against it)."""
+  did), honest refusal <= 1%, honest overall cost <= 0.5 points, and the
+  user's unmodified class-A request unlearned as without the defence: its
+  class-A accuracy ``shift`` from the plain server's within 0.5 points either
+  way (a defence that also holds back honest forgetting keeps the damage away
+  by not unlearning). Unmeasured cost or shift: not held against it."""
   measured = [v for v in kept.values() if v is not None]
   return (bool(measured) and min(measured) >= GOAL_KEPT
           and refusal is not None and refusal <= GOAL_REFUSAL
-          and (cost is None or cost <= GOAL_COST))
+          and (cost is None or cost <= GOAL_COST)
+          and (shift is None or abs(shift) <= GOAL_COST))
+
+
+def unmodified_shift(results: dict, after: dict):
+  """Class-A accuracy after the unmodified request under a defence minus with
+  none (positive: the defence unlearned less of it); None if unmeasured."""
+  plain = results.get("protections", {}).get(protect.NONE, {}).get(
+      "attacks", {}).get("normal")
+  if plain is None or after.get("normal") is None:
+    return None
+  return after["normal"] - plain["class_a_accuracy"]
 
 
 def _any_damage(results: dict) -> bool:
@@ -70,6 +85,21 @@ def _table(results: dict, rows: dict) -> list[str]:
       lines.append(f"| {display} | {adaptive.label(attack)} | {_fmt(value)} | "
                    f"{_fmt(after.get(attack), 100, 1)} | {_fmt(refusal, 1, 3)} | "
                    f"{_fmt(cost, 100)} / {_fmt(cost_a, 100)} |")
+  return lines
+
+
+def _summary(results: dict, rows: dict) -> list[str]:
+  """One row per defence: its honest costs, the unmodified request, the goal."""
+  lines = ["| Defence | Honest refusal | Honest cost overall / class-A (points) | "
+           "Unmodified class-A request: class-A after (%), shift (points) | Goal |",
+           "|---|---|---|---|---|"]
+  for name, kept in results["damage_kept"].items():
+    display, refusal, cost, cost_a, after = rows[name]
+    shift = unmodified_shift(results, after)
+    met = meets_goal(kept, refusal, cost, shift)
+    lines.append(f"| {display} | {_fmt(refusal, 1, 3)} | {_fmt(cost, 100)} / "
+                 f"{_fmt(cost_a, 100)} | {_fmt(after.get('normal'), 100, 1)}, "
+                 f"{_fmt(shift, 100, 1)} | {'met' if met else 'not met'} |")
   return lines
 
 
@@ -93,22 +123,29 @@ def markdown_lines(results: dict) -> list[str]:
     return []
   rows = defence_rows(results)
   met = [rows[n][0] for n, kept in results["damage_kept"].items()
-         if meets_goal(kept, rows[n][1], rows[n][2])]
+         if meets_goal(kept, rows[n][1], rows[n][2],
+                       unmodified_shift(results, rows[n][4]))]
   return [
       "## Damage kept away", "",
       "Damage kept = 1 - gap_after / gap_without, with gap_without = class-A "
       "accuracy after the unmodified request minus after the attack, both with no "
       "defence, and gap_after the same with the defence (n/a: the attack did no "
-      "damage). Protections (record matching, damage bound, healing: "
+      "damage; above 1: class A ends higher than the plain server leaves it "
+      "after the unmodified request). Protections (record matching, damage bound, healing: "
       "docs/defences.md) change what the server unlearns; screens drop the "
       "samples they flag. Honest refusal: fraction of honest samples refused "
       "(protections: on seeded honest requests of the attack's size; screens: "
       "their per-sample false rejection). Honest cost: mean test accuracy lost "
       "on those honest requests against the plain unlearning (screens: not "
-      "measured).", "", *_table(results, rows), "", *_fit_lines(results), "",
+      "measured). The unmodified class-A request (the user's own samples, sent "
+      "as they are) is an honest request too: its shift is its class-A accuracy "
+      "under the defence minus without (positive: less was unlearned).", "",
+      *_summary(results, rows), "", *_table(results, rows), "",
+      *_fit_lines(results), "",
       f"Goal (issue 25): a defence keeping >= {GOAL_KEPT:.0%} of the damage away "
       f"from every attacker at <= {GOAL_REFUSAL:.0%} honest refusal and <= "
-      f"{100 * GOAL_COST:.1f} points honest accuracy cost: "
+      f"{100 * GOAL_COST:.1f} points honest accuracy cost, the unmodified "
+      f"class-A request shifted by <= {100 * GOAL_COST:.1f} points: "
       + (f"met by {', '.join(met)}." if met else "not met by any defence"
          + ("." if _any_damage(results) else " (no attack did damage here).")),
       "", "![damage kept](defences_damage.png)", ""]

@@ -61,6 +61,18 @@ def test_goal_needs_every_attacker_and_a_low_honest_cost():
   assert not damage.meets_goal({"a": 0.9, "b": 0.5}, 0.0, 0.0)
   assert not damage.meets_goal({"a": 0.9}, 0.02, 0.0)
   assert not damage.meets_goal({"a": 0.9}, 0.0, 0.006)
+  # Holding back the user's own unmodified request, either way, fails it.
+  assert damage.meets_goal({"a": 0.9}, 0.0, 0.0, shift=-0.004)
+  assert not damage.meets_goal({"a": 0.9}, 0.0, 0.0, shift=0.094)
+  assert not damage.meets_goal({"a": 0.9}, 0.0, 0.0, shift=-0.006)
+
+
+def test_unmodified_shift_is_the_class_a_change_of_the_honest_request():
+  results = {"protections": {"none": {"attacks": {
+      "normal": {"class_a_accuracy": 0.429}}}}}
+  assert damage.unmodified_shift(results, {"normal": 0.523}) == pytest.approx(0.094)
+  assert damage.unmodified_shift(results, {"pushing_ii": 0.5}) is None
+  assert damage.unmodified_shift({}, {"normal": 0.5}) is None
 
 
 def test_split_sets_send_the_request_in_k_parts():
