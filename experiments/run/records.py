@@ -6,6 +6,7 @@ Side effects live here and in the experiment scripts, never in ``ounl_jax``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import os
@@ -20,8 +21,11 @@ import numpy as np
 from experiments.run import errors
 
 
+@functools.cache
 def git_commit() -> dict[str, Any]:
-  """The commit of the code that ran, and whether the tree had local changes."""
+  """The commit of the code that ran, and whether the tree had local changes:
+  read once per process (``cli.run_main`` reads it as the run starts), so a
+  commit made while a long run goes on is not stamped on its results."""
   root = os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))))
   try:

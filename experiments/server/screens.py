@@ -87,8 +87,6 @@ def defence_choices() -> tuple[str, ...]:
   return (NO_DEFENCE, *DEFENCES)
 
 
-
-
 def jpeg_reencode(images: np.ndarray, quality: int) -> np.ndarray:
   """Each image through a JPEG encode/decode at ``quality`` (a re-encoding upload)."""
   out = []

@@ -39,6 +39,7 @@ from typing import Any
 from absl import flags
 
 from experiments.run import errors
+from experiments.run import records
 from experiments.setup import configs
 from experiments.setup import fields
 from experiments.setup import overrides
@@ -203,6 +204,7 @@ def run_main(main, fv=flags.FLAGS) -> None:
       sys.exit(2)
 
   def wrapped(argv):
+    records.git_commit()  # The code as it starts, not as it ends.
     try:
       workdir = fv["workdir"].value if "workdir" in fv else None
       if not workdir:
