@@ -55,7 +55,8 @@ def label(attack: str) -> str:
     return f"{names[attack[:-10]]}, projected to its record (adaptive)"
   if "_split" in attack:
     base, k = attack.split("_split")
-    return f"{names.get(base, base)} in {k} requests (adaptive)"
+    return (f"{names.get(base, base)} in {k} requests"
+            + ("" if base == "normal" else " (adaptive)"))
   return attack
 
 

@@ -116,7 +116,8 @@ def measure(ctx, config, settings, fitted: dict, evaluation, attacks: dict,
   """``{protection: {"display_name", "fit", "attacks", "honest"}}`` and ``none``."""
   class_a = pipeline.class_a_of(ctx.spec, config)
   sequences = {a: [s] for a, s in attacks.items()}
-  sequences.update(split_sets(attacks, settings.split_requests))
+  sequences.update(split_sets(attacks, settings.split_requests,
+                              bases=("normal", "pushing_ii")))
   honest = honest_sample_requests(ctx, config, settings, evaluation, size)
   plain = protections.compose(ctx, config, {})
   reference = [run_requests(ctx, plain, [r], class_a) for r in honest]
@@ -133,9 +134,25 @@ def measure(ctx, config, settings, fitted: dict, evaluation, attacks: dict,
   return out
 
 
+def unmodified_twin(attack: str, measured) -> str:
+  """The unmodified request an attack's damage is measured from: ``normal``, or
+  ``normal_split<k>`` (the same samples sent as k requests) for an attack sent as
+  k requests, where that was measured.
+
+  >>> unmodified_twin("pushing_ii_split4", {"normal", "normal_split4"})
+  'normal_split4'
+  >>> unmodified_twin("pushing_ii_split4", {"normal"})
+  'normal'
+  """
+  _, split, k = attack.rpartition("_split")
+  twin = f"normal_split{k}"
+  return twin if split and twin in measured else "normal"
+
+
 def damage_kept_map(results: dict) -> dict:
   """``{defence: {attack: damage_kept}}`` of the protections and of the screens
-  (their after-screening accuracies), each against its own no-defence run."""
+  (their after-screening accuracies), each against its own no-defence run and
+  the unmodified request sent the same way (``unmodified_twin``)."""
   out = {}
   runs = results.get("protections", {})
   screened = results.get("after_screening", {})
@@ -143,12 +160,12 @@ def damage_kept_map(results: dict) -> dict:
     if NONE not in table:
       continue
     none = table[NONE].get("attacks", table[NONE])
-    normal = none["normal"]["class_a_accuracy"]
     for name, entry in table.items():
       if name in skip:
         continue
       attacks = entry.get("attacks", entry)
-      out[name] = {a: damage_kept(normal, none[a]["class_a_accuracy"],
-                                  attacks[a]["class_a_accuracy"])
-                   for a in attacks if a != "normal" and a in none}
+      out[name] = {a: damage_kept(
+          none[unmodified_twin(a, none)]["class_a_accuracy"],
+          none[a]["class_a_accuracy"], attacks[a]["class_a_accuracy"])
+                   for a in attacks if not a.startswith("normal") and a in none}
   return out

@@ -53,6 +53,15 @@ def test_damage_kept_map_covers_protections_and_screens():
   assert kept == {"shield": {"pushing_ii": pytest.approx(0.75),
                              "pushing_ii_split4": pytest.approx(0.0)},
                   "margin": {"pushing_ii": pytest.approx(0.75)}}
+  # Measured against the unmodified request sent the same way, when there is one:
+  # normal in 4 requests 0.6, the split attack 0.3 (gap 0.3), shielded 0.5 (gap
+  # 0.1): 1 - 0.1 / 0.3 of it kept away. The honest split is no attack.
+  results["protections"]["none"]["attacks"]["normal_split4"] = acc(0.6)
+  results["protections"]["shield"]["attacks"].update(
+      normal_split4=acc(0.6), pushing_ii_split4=acc(0.5))
+  kept = protect.damage_kept_map(results)
+  assert kept["shield"] == {"pushing_ii": pytest.approx(0.75),
+                            "pushing_ii_split4": pytest.approx(2 / 3)}
 
 
 def test_goal_needs_every_attacker_and_a_low_honest_cost():
@@ -131,7 +140,7 @@ def test_the_study_measures_every_protection_on_mock_data(mock_cifar10):
   assert set(runs) == {"none", *protections.PROTECTIONS}
   attacks = set(runs["none"]["attacks"])
   assert {"normal", "blending", "pushing_i", "pushing_ii", "mixed_0.5"} <= attacks
-  assert {"pushing_ii_split2", "pushing_i_projected",
+  assert {"normal_split2", "pushing_ii_split2", "pushing_i_projected",
           "pushing_ii_projected"} <= attacks
   assert results["attack_notes"]["sizes"]["pushing_ii_projected"] == 3
   # Two requests in sequence, each scaled by its own alpha.
@@ -140,7 +149,7 @@ def test_the_study_measures_every_protection_on_mock_data(mock_cifar10):
   assert runs["record_matching"]["attacks"]["pushing_ii"]["unlearned"] <= 3
   kept = results["damage_kept"]
   for name in protections.PROTECTIONS:
-    assert set(kept[name]) == attacks - {"normal"}
+    assert set(kept[name]) == attacks - {"normal", "normal_split2"}
     honest = runs[name]["honest"]
     assert honest["requests"] == 2 and 0 <= honest["refusal_rate"] <= 1
   for name in results["sample_defences"]:
