@@ -88,15 +88,21 @@ def _table(results: dict, rows: dict) -> list[str]:
   return lines
 
 
-def _summary(results: dict, rows: dict) -> list[str]:
+def goals_met(results: dict, rows: dict) -> dict[str, bool]:
+  """``{defence: meets_goal(...)}`` for every defence in the damage map."""
+  return {name: meets_goal(kept, rows[name][1], rows[name][2],
+                           unmodified_shift(results, rows[name][4]))
+          for name, kept in results["damage_kept"].items()}
+
+
+def _summary(results: dict, rows: dict, goals: dict) -> list[str]:
   """One row per defence: its honest costs, the unmodified request, the goal."""
   lines = ["| Defence | Honest refusal | Honest cost overall / class-A (points) | "
            "Unmodified class-A request: class-A after (%), shift (points) | Goal |",
            "|---|---|---|---|---|"]
-  for name, kept in results["damage_kept"].items():
+  for name, met in goals.items():
     display, refusal, cost, cost_a, after = rows[name]
     shift = unmodified_shift(results, after)
-    met = meets_goal(kept, refusal, cost, shift)
     lines.append(f"| {display} | {_fmt(refusal, 1, 3)} | {_fmt(cost, 100)} / "
                  f"{_fmt(cost_a, 100)} | {_fmt(after.get('normal'), 100, 1)}, "
                  f"{_fmt(shift, 100, 1)} | {'met' if met else 'not met'} |")
@@ -122,17 +128,16 @@ def markdown_lines(results: dict) -> list[str]:
   if not results.get("damage_kept"):
     return []
   rows = defence_rows(results)
-  met = [rows[n][0] for n, kept in results["damage_kept"].items()
-         if meets_goal(kept, rows[n][1], rows[n][2],
-                       unmodified_shift(results, rows[n][4]))]
+  goals = goals_met(results, rows)
+  met = [rows[name][0] for name, holds in goals.items() if holds]
   return [
       "## Damage kept away", "",
       "Damage kept = 1 - gap_after / gap_without, with gap_without = class-A "
       "accuracy after the unmodified request minus after the attack, both with no "
       "defence, and gap_after the same with the defence (n/a: the attack did no "
       "damage; above 1: class A ends higher than the plain server leaves it "
-      "after the unmodified request). Protections (record matching, damage bound, healing: "
-      "docs/defences.md) change what the server unlearns; screens drop the "
+      "after the unmodified request). Protections (record matching, damage "
+      "bound, healing: docs/defences.md) change what the server unlearns; screens drop the "
       "samples they flag. Honest refusal: fraction of honest samples refused "
       "(protections: on seeded honest requests of the attack's size; screens: "
       "their per-sample false rejection). Honest cost: mean test accuracy lost "
@@ -140,7 +145,7 @@ def markdown_lines(results: dict) -> list[str]:
       "measured). The unmodified class-A request (the user's own samples, sent "
       "as they are) is an honest request too: its shift is its class-A accuracy "
       "under the defence minus without (positive: less was unlearned).", "",
-      *_summary(results, rows), "", *_table(results, rows), "",
+      *_summary(results, rows, goals), "", *_table(results, rows), "",
       *_fit_lines(results), "",
       f"Goal (issue 25): a defence keeping >= {GOAL_KEPT:.0%} of the damage away "
       f"from every attacker at <= {GOAL_REFUSAL:.0%} honest refusal and <= "
