@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -75,34 +76,71 @@ def push_fingerprint(ctx: pipeline.Context, config: configs.ExperimentConfig,
       "attack_seed": config.attack.seed, "unlearn_seed": samples.seed})
 
 
+class _ReleasedPush(NamedTuple):
+  """What a push under the released rule needs (``_released``)."""
+
+  oracle: object
+  candidates: data_lib.LabelledImages
+  requested: int
+  key: jax.Array
+  pusher: pushers.Pusher
+  target_class: int | None
+  size: int
+  store: cache.BlockCache
+
+
+def _pusher_and_oracle(ctx, config, attack_spec):
+  class_a = pipeline.class_a_of(ctx.spec, config)
+  settings = push_settings(config, ctx.spec)
+  pool = getattr(ctx.splits, config.samples.pool)
+  pusher = attack_spec.pusher(settings, pushers.start_images(
+      pool.images, pool.labels, class_a, settings.target_class))
+  oracle = pipeline.new_server(ctx, config,
+                               output=attack_spec.oracle_output).oracle()
+  return class_a, settings, pusher, oracle
+
+
+def _released(ctx, config, workdir: str, attack_spec) -> _ReleasedPush:
+  class_a, settings, pusher, oracle = _pusher_and_oracle(ctx, config, attack_spec)
+  samples = config.samples
+  candidates = sample_rules.candidate_order(ctx.splits.train, class_a, samples.seed)
+  requested = sample_rules.requested_count(ctx.splits.train, class_a,
+                                           samples.fraction, samples.max_samples)
+  store = cache.block_cache(workdir, push_fingerprint(ctx, config, candidates))
+  return _ReleasedPush(oracle, candidates, requested,
+                       jax.random.key(config.attack.seed), pusher,
+                       settings.target_class,
+                       blocks.block_size(samples.max_samples), store)
+
+
 def push_for(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: str,
              attack_spec, *, show_progress: bool = True) -> dict:
   """The user's push under ``config.samples.rule`` (reused when saved)."""
-  class_a = pipeline.class_a_of(ctx.spec, config)
-  settings = push_settings(config, ctx.spec)
-  samples = config.samples
-  pool = getattr(ctx.splits, samples.pool)
-  pusher = attack_spec.pusher(settings, pushers.start_images(
-      pool.images, pool.labels, class_a, settings.target_class))
-  oracle = lambda: pipeline.new_server(
-      ctx, config, output=attack_spec.oracle_output).oracle()
-  key = jax.random.key(config.attack.seed)
-  if samples.rule == "released":
-    candidates = sample_rules.candidate_order(ctx.splits.train, class_a, samples.seed)
-    requested = sample_rules.requested_count(ctx.splits.train, class_a, samples.fraction,
-                                       samples.max_samples)
-    store = cache.block_cache(workdir,
-                                   push_fingerprint(ctx, config, candidates))
+  if config.samples.rule == "released":
+    push = _released(ctx, config, workdir, attack_spec)
     return cache.latest(workdir, released_rule.push_released(
-        oracle(), candidates, requested, key, pusher,
-        target_class=settings.target_class,
-        size=blocks.block_size(samples.max_samples), store=store,
+        push.oracle, push.candidates, push.requested, push.key, push.pusher,
+        target_class=push.target_class, size=push.size, store=push.store,
         show_progress=show_progress))
+  _, _, pusher, oracle = _pusher_and_oracle(ctx, config, attack_spec)
   candidates = pipeline.user_samples(ctx, config)
-  run = lambda: sample_rules.push_fraction_first(oracle(), candidates, key, pusher,
-                                           show_progress=show_progress)
+  run = lambda: sample_rules.push_fraction_first(
+      oracle, candidates, jax.random.key(config.attack.seed), pusher,
+      show_progress=show_progress)
   return cache.cached_push(
       workdir, push_fingerprint(ctx, config, candidates), run)
+
+
+def push_block_for(ctx: pipeline.Context, config: configs.ExperimentConfig,
+                   workdir: str, attack_spec, block: int, end: int) -> dict:
+  """Pushes block ``block``'s queue positions before ``end`` into the workdir's
+  block cache (the released rule's blocks, ``released_rule.push_block``): what
+  the grid engine runs as one task (``experiments/run/grid.py``)."""
+  push = _released(ctx, config, workdir, attack_spec)
+  return released_rule.push_block(push.oracle, push.candidates, push.key,
+                                  push.pusher, target_class=push.target_class,
+                                  size=push.size, store=push.store, block=block,
+                                  end=end)
 
 
 def throughput(ctx: pipeline.Context, settings: pushing_lib.PushSettings,

@@ -93,24 +93,6 @@ def _push_positions(oracle, candidates, queue, begin, end, key, attack, size, ba
       k: np.asarray(sum(int(c[k]) for c in counts)) for k in counts[0]}
 
 
-def _warn_if_few_succeed(rows: dict, needed: int, left: int) -> None:
-  """Says so when fewer than half of a stream succeed: the rule would push on."""
-  successes = int(artefact.successes(rows).sum())
-  pushed = len(rows["ids"])
-  if successes >= needed or 2 * successes >= pushed:
-    return
-  failed = ~artefact.successes(rows)
-  first_failure = np.where(rows["pushing_i_success"], rows["pushing_ii_status"],
-                           np.char.add("Pushing-I ", rows["pushing_i_status"].astype(str)))
-  reasons = np.unique(first_failure[failed], return_counts=True)
-  why = ", ".join(f"{int(c)} {r}" for r, c in zip(*reasons))
-  estimate = (needed - successes) * pushed // max(successes, 1)
-  errors.warn(f"Only {successes} of {pushed} pushed samples succeeded ({why}); at "
-              f"this rate the {needed - successes} still needed take about "
-              f"{estimate} more candidates ({left} are left). Raise --max_iterations "
-              "(no_crossing) or lower --fraction.")
-
-
 def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
                   key: jax.Array, attack, *, target_class: int | None,
                   size: int = blocks.BLOCK_SIZE, store=None,
@@ -144,6 +126,32 @@ def push_released(oracle, candidates: data_lib.LabelledImages, requested: int,
         f"The model misclassifies all {len(candidates)} training samples of class "
         "A, so none can be pushed; train the model longer (--epochs).")
   return _summary(stream, queue, len(candidates))
+
+
+def push_block(oracle, candidates: data_lib.LabelledImages, key: jax.Array,
+               attack, *, target_class: int | None, size: int, store, block: int,
+               end: int) -> dict:
+  """Pushes into ``store`` block ``block``'s queue positions before ``end`` that it
+  does not hold yet: the positions ``push_released`` would push there (same queue,
+  same per-position keys; a whole block for attackers without ``per_sample_keys``).
+  A grid runs a push's blocks as independent tasks (``experiments/run/grid.py``).
+  Returns the ``rows`` pushed, their ``queries``, ``seconds`` and slot-iterations.
+  """
+  queue = _screen(oracle, candidates, target_class)
+  first, kept = block * size, store.load(block)
+  end = min(end if attack.per_sample_keys else first + size, first + size,
+            len(queue.order))
+  begin = first + (0 if kept is None else len(kept["ids"]))
+  done = {"rows": max(end - begin, 0), "queries": 0, "seconds": 0.0}
+  if begin < end:
+    started = time.time()
+    rows, done["queries"], counts = _push_positions(
+        oracle, candidates, queue.order, begin, end, key, attack, size,
+        progress.progress(total=end - begin, enabled=False), 0, queue.hardness)
+    blocks.save_blocks(store, {block: kept}, rows, begin, size)
+    done.update({k: int(v) for k, v in counts.items()},
+                seconds=time.time() - started)
+  return done
 
 
 class _Queue(NamedTuple):
@@ -198,7 +206,7 @@ def _push_more(stream: _Stream, oracle, candidates, key, attack) -> dict:
   fresh["compile_seconds"] += compiling.compile_seconds() - compiled
   fresh["rows"] += end - position
   blocks.save_blocks(stream.store, stream.saved, rows, position, stream.size)
-  _warn_if_few_succeed(rows, stream.requested - stream.done,
+  sample_rules.warn_if_few_succeed(rows, stream.requested - stream.done,
                        len(queue.order) - end)
   return rows
 

@@ -82,3 +82,22 @@ def push_fraction_first(oracle, samples: data_lib.LabelledImages, key: jax.Array
                 requested=np.asarray(len(samples)),
                 **artefact.occupancy_counts(result))
   return arrays
+
+
+def warn_if_few_succeed(rows: dict, needed: int, left: int) -> None:
+  """Says so when fewer than half of a released-rule stream succeed (it would
+  push on)."""
+  successes = int(artefact.successes(rows).sum())
+  pushed = len(rows["ids"])
+  if successes >= needed or 2 * successes >= pushed:
+    return
+  failed = ~artefact.successes(rows)
+  first_failure = np.where(rows["pushing_i_success"], rows["pushing_ii_status"],
+                           np.char.add("Pushing-I ", rows["pushing_i_status"].astype(str)))
+  reasons = np.unique(first_failure[failed], return_counts=True)
+  why = ", ".join(f"{int(c)} {r}" for r, c in zip(*reasons))
+  estimate = (needed - successes) * pushed // max(successes, 1)
+  errors.warn(f"Only {successes} of {pushed} pushed samples succeeded ({why}); at "
+              f"this rate the {needed - successes} still needed take about "
+              f"{estimate} more candidates ({left} are left). Raise --max_iterations "
+              "(no_crossing) or lower --fraction.")
