@@ -24,4 +24,5 @@ def main(argv):
 
 if __name__ == "__main__":
   cli.define_experiment_flags(flags.FLAGS)
+  cli.define_time_budget_flag(flags.FLAGS)
   cli.run_main(main)

@@ -1,4 +1,5 @@
-"""User errors: a problem the user can fix, printed as one line with exit status 2."""
+"""User errors: a problem the user can fix, printed as one line with exit status 2;
+and a run stopped at its ``--time_budget``: one line, exit status 75."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ import sys
 
 class UserError(ValueError):
   """A problem the user can fix; ``cli.run_main`` prints its one line, exit 2."""
+
+
+# Exit status of a run stopped at its --time_budget (sysexits' EX_TEMPFAIL: a
+# temporary stop, retry): what it finished is saved, the same command continues.
+TIME_BUDGET_STATUS = 75
+
+
+class TimeBudgetReached(Exception):
+  """A run stopped cleanly at ``--time_budget``, its finished work saved;
+  ``cli.run_main`` prints its one line and exits ``TIME_BUDGET_STATUS``."""
 
 
 def user_errors() -> tuple[type, ...]:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import NamedTuple, Sequence
 
 import jax
@@ -30,12 +31,14 @@ from ounl_jax import unlearning
 
 
 class Context(NamedTuple):
-  """The trained server model and its data."""
+  """The trained server model and its data; ``deadline``: the ``time.monotonic()``
+  value at which a push stops cleanly (``--time_budget``; None: no limit)."""
 
   spec: data_lib.DatasetSpec
   splits: data_lib.Splits
   trained: training.TrainedModel
   train_config: configs.TrainConfig
+  deadline: float | None = None
 
 
 class Submissions(NamedTuple):
@@ -64,13 +67,16 @@ class Submissions(NamedTuple):
 
 
 def prepare(train_config: configs.TrainConfig, workdir: str, *,
-            data_dir: str | None = None, show_progress: bool = True) -> Context:
-  """Loads the data and trains (or reuses) the server's model in ``workdir``."""
+            data_dir: str | None = None, show_progress: bool = True,
+            time_budget: float | None = None) -> Context:
+  """Loads the data and trains (or reuses) the server's model in ``workdir``;
+  ``time_budget``: seconds from now after which a push stops (None: no limit)."""
+  deadline = None if time_budget is None else time.monotonic() + time_budget
   spec = data_lib.get_spec(train_config.dataset)
   splits = training.load_splits(train_config, data_dir)
   trained = training.train_or_restore(train_config, workdir, splits,
                                       show_progress=show_progress)
-  return Context(spec, splits, trained, train_config)
+  return Context(spec, splits, trained, train_config, deadline)
 
 
 def class_a_of(spec: data_lib.DatasetSpec, config: configs.ExperimentConfig) -> int:

@@ -57,13 +57,18 @@ def run_experiment(ctx: pipeline.Context, config: configs.ExperimentConfig,
 
 
 def run(config: configs.ExperimentConfig, workdir: str, *,
-        data_dir: str | None = None, show_progress: bool = True) -> dict:
-  """Checks, trains or reuses the model, attacks, evaluates, writes; the results."""
+        data_dir: str | None = None, show_progress: bool = True,
+        time_budget: float | None = None) -> dict:
+  """Checks, trains or reuses the model, attacks, evaluates, writes; the results.
+
+  ``time_budget``: seconds from the start after which a push stops cleanly with
+  its finished samples saved (``errors.TimeBudgetReached``; None: no limit).
+  """
   progress.quiet_logs()
   validation.check_experiment(config)
   validation.check_workdir(workdir)
   ctx = pipeline.prepare(config.train, workdir, data_dir=data_dir,
-                         show_progress=show_progress)
+                         show_progress=show_progress, time_budget=time_budget)
   results = run_experiment(ctx, config, workdir, show_progress=show_progress)
   write_results(results, workdir)
   return results
@@ -73,6 +78,7 @@ def main(fv, **fixed) -> None:
   """The scripts' thin main: flags to config, ``run``, the report, the path."""
   from experiments.setup import cli  # pylint: disable=g-import-not-at-top
   config = cli.experiment_config(fv, **fixed)
-  results = run(config, fv.workdir, data_dir=fv.data_dir, show_progress=fv.progress)
+  results = run(config, fv.workdir, data_dir=fv.data_dir, show_progress=fv.progress,
+                time_budget=fv.time_budget if "time_budget" in fv else None)
   print(run_report.markdown(results))
   print(os.path.join(fv.workdir, "results.json"))

@@ -153,6 +153,16 @@ def define_experiment_flags(fv, *, workdir: str = "./runs/cifar10") -> None:
   define_config_flags(fv, overrides.FLAG_PATHS)
 
 
+def define_time_budget_flag(fv) -> None:
+  """``--time_budget``: the pushing experiments' deadline (not a config field:
+  it changes when a run stops, never what it computes)."""
+  flags.DEFINE_float(
+      "time_budget", None, "Seconds from the start after which the push stops "
+      "cleanly, its finished samples saved (ZOO attackers); the run exits with "
+      f"status {errors.TIME_BUDGET_STATUS} and rerunning the same command "
+      "continues. Unset: no limit.", lower_bound=0.0, flag_values=fv)
+
+
 def from_scale(fv, name: str) -> Any:
   """The flag's value if given on the command line, else its scale's."""
   if fv[name].present:
@@ -187,6 +197,8 @@ def experiment_config(fv, **fixed) -> configs.ExperimentConfig:
 def run_main(main, fv=flags.FLAGS) -> None:
   """``app.run(main)``; a user error prints one line and exits 2 (--debug: raise).
 
+  A run stopped at its ``--time_budget`` (``errors.TimeBudgetReached``) prints
+  one line and exits ``errors.TIME_BUDGET_STATUS`` (75): rerun to continue.
   User errors are: a bad flag (unknown flag, unknown choice, unparsable value,
   found by absl while parsing), ``errors.user_errors()`` raised by the run, a
   workdir another run holds (``workdir_lock``: the run holds ``--workdir``'s lock
@@ -211,6 +223,11 @@ def run_main(main, fv=flags.FLAGS) -> None:
         return main(argv)
       with workdir_lock.hold(workdir):
         return main(argv)
+    except errors.TimeBudgetReached as stop:
+      if fv.debug:
+        raise
+      print(f"stopped: {stop}", file=sys.stderr)
+      sys.exit(errors.TIME_BUDGET_STATUS)
     except errors.user_errors() as error:
       if fv.debug:
         raise

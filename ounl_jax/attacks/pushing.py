@@ -324,8 +324,8 @@ def finish_push(oracle: oracle_lib.Oracle, oracle_state, images, labels,
 def push(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
          settings: PushSettings, *,
          oracle_state: oracle_lib.OracleState | None = None,
-         on_chunk: Callable[[scheduler.Progress], None] | None = None
-         ) -> PushResult:
+         on_chunk: Callable[[scheduler.Progress], None] | None = None,
+         resume: scheduler.Resume | None = None) -> PushResult:
   """Pushes the user's samples to the boundary with black-box ZOO (Sec. III-C).
 
   Queries: one clean query per sample (samples the model misclassifies, or already
@@ -340,6 +340,11 @@ def push(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
     settings: ``PushSettings``.
     oracle_state: the user's query count so far (default ``oracle.init()``).
     on_chunk: progress callback, called with a ``scheduler.Progress``.
+    resume: ``scheduler.Resume`` of the ZOO schedule: samples finished by an
+      earlier run (their final ZOO states, not run again; the clean and
+      verification queries are asked again), ``on_finished``, a deadline
+      (``scheduler.DeadlineReached``). ``oracle_queries`` then counts this run's
+      images only; ``queries`` still holds every sample's.
 
   Returns:
     ``PushResult``.
@@ -373,7 +378,8 @@ def push(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
                                     batch_size=settings.evaluation_batch_size)
   result = zoo.zoo_attack(oracle, images, labels, key, settings.zoo_settings(),
                           targets=settings.target_class, active=clean.attacked,
-                          oracle_state=oracle_state, on_chunk=on_chunk)
+                          oracle_state=oracle_state, on_chunk=on_chunk,
+                          resume=resume)
   state = result.state
   chosen = (_chosen(state, settings.pushing_i, settings.stop_margin),
             _chosen(state, settings.pushing_ii, settings.stop_margin))

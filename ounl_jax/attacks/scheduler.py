@@ -15,6 +15,12 @@ the host loop around them (ZOO, ``zoo.py``; HopSkipJump, ``label_only.py``):
   without it (whole groups of ``slots`` samples, one after the other);
 * samples that ``init`` already finishes (e.g. no start point) are collected
   before any chunk runs on them;
+* with a ``Resume``, every finished sample is handed to ``on_finished`` as it is
+  collected, samples finished by an earlier run (``restored``) are never run
+  again, and a ``deadline`` stops the loop cleanly between chunks
+  (``DeadlineReached``, once ``on_finished`` has every sample finished so far), so
+  an interrupted push keeps its finished samples (docs/protocol.md §4: a sample's
+  trajectory depends only on its key, index and iteration);
 * on a multi-device mesh (``ounl_jax/devices.py``) the batch's rows are split over
   the devices and every batch is a multiple of the device count (padding rows are
   done, never counted); one device runs the single-device program.
@@ -28,6 +34,7 @@ waiting for the slowest row of a chunk lower it.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -69,6 +76,10 @@ class Progress(NamedTuple):
   max_iterations: int
   batch_size: int         # samples in the compiled batch (padding included)
   oracle_queries: int
+  # Sample-iterations: ``max_iterations`` for each finished sample (however early
+  # it stopped), the iterations run for each sample in flight; moves from the
+  # first chunk and ends at ``samples_total x max_iterations``.
+  sample_iterations: int = 0
 
 
 class Statistics(NamedTuple):
@@ -95,6 +106,41 @@ def statistics(calls: int = 0, slot_iterations: int = 0,
                else math.nan)
   return Statistics(int(calls), int(slot_iterations), int(busy_slot_iterations),
                     float(occupancy))
+
+
+class Resume(NamedTuple):
+  """How a schedule keeps its finished samples across runs (all optional).
+
+  Attributes:
+    restored: ``(ids, leaves)``: samples finished by an earlier run and their
+      host state rows, as ``on_finished`` received them; they are not run again.
+    on_finished: ``on_finished(ids, leaves)``, called once for every sample that
+      finishes in this run (``init`` and inactive ones included), as soon as it is
+      collected: ``ids`` (n,) sample indices, ``leaves`` the
+      ``jax.tree_util.tree_leaves`` of their host state rows (numpy, keys left
+      out), each leading with n.
+    deadline: a ``time.monotonic()`` value; checked between chunks, the schedule
+      stops with ``DeadlineReached`` once it has passed (None: no limit).
+  """
+
+  restored: tuple[np.ndarray, list[np.ndarray]] | None = None
+  on_finished: Callable[[np.ndarray, list[np.ndarray]], None] | None = None
+  deadline: float | None = None
+
+
+class DeadlineReached(Exception):
+  """``schedule`` stopped at its ``Resume.deadline``; ``on_finished`` has received
+  every sample finished by then.
+
+  Attributes:
+    finished: samples finished (restored ones included); restored: of them,
+      restored from an earlier run; total: the schedule's samples.
+  """
+
+  def __init__(self, finished: int, restored: int, total: int):
+    super().__init__(f"deadline reached with {finished} of {total} samples "
+                     f"finished ({restored} restored)")
+    self.finished, self.restored, self.total = finished, restored, total
 
 
 class Schedule(NamedTuple):
@@ -168,6 +214,20 @@ def _host_rows(host, rows):
   return jax.tree_util.tree_map(lambda a: a[rows], host)
 
 
+def _restore(pusher: Pusher, ids: np.ndarray, leaves, oracle_state):
+  """The host state rows of restored samples, in the structure ``init`` gives."""
+  template, _ = pusher.init(ids[:1], np.zeros(1, bool), oracle_state)
+  template = _to_host(template)
+  expected = jax.tree_util.tree_leaves(template)
+  leaves = [np.asarray(leaf) for leaf in leaves]
+  if len(leaves) != len(expected) or any(
+      a.shape != (len(ids),) + b.shape[1:] or a.dtype != b.dtype
+      for a, b in zip(leaves, expected)):
+    raise ValueError("Restored rows do not match this pusher's state.")
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template),
+                                      leaves)
+
+
 @jax.jit
 def _gather(batch, take):
   """Row r of the result is ``batch``'s row ``take[r]`` (one compiled call)."""
@@ -182,8 +242,8 @@ def _refill(batch, take, fill, fresh):
 
 def schedule(pusher: Pusher, count: int, *, oracle: oracle_lib.Oracle,
              oracle_state: oracle_lib.OracleState, slots: int, active=None,
-             mesh=None, on_chunk: Callable[[Progress], None] | None = None
-             ) -> Schedule:
+             mesh=None, on_chunk: Callable[[Progress], None] | None = None,
+             resume: Resume | None = None) -> Schedule:
   """Runs ``pusher`` on samples ``0 .. count - 1`` with at most ``slots`` in flight.
 
   Args:
@@ -196,9 +256,13 @@ def schedule(pusher: Pusher, count: int, *, oracle: oracle_lib.Oracle,
       as ``init`` makes them with ``live`` False.
     mesh: ``devices.sample_mesh`` (None: one device).
     on_chunk: called with a ``Progress`` after every compiled chunk.
+    resume: ``Resume``: restored samples, ``on_finished``, a deadline.
 
   Returns:
     ``Schedule(state, oracle_state, statistics)``.
+
+  Raises:
+    DeadlineReached: ``resume.deadline`` passed with samples left.
 
   Example (a toy pusher: sample i needs i + 1 iterations, two per chunk):
 
@@ -230,14 +294,28 @@ def schedule(pusher: Pusher, count: int, *, oracle: oracle_lib.Oracle,
   sharded = devices_lib.is_sharded(mesh)
   devices = devices_lib.device_count(mesh) if sharded else 1
   slots = -(-slots // devices) * devices
+  resume = Resume() if resume is None else resume
   finished = []  # (sample ids, host state rows)
-  idle = np.flatnonzero(np.logical_not(active))
+
+  def collect(ids, host):
+    finished.append((ids, host))
+    if resume.on_finished is not None:
+      resume.on_finished(ids, jax.tree_util.tree_leaves(host))
+
+  restored = np.zeros((0,), np.int64)
+  if resume.restored is not None and len(resume.restored[0]):
+    restored = np.asarray(resume.restored[0], np.int64)
+    finished.append((restored, _restore(pusher, restored, resume.restored[1],
+                                        oracle_state)))
+  left = np.ones((count,), bool)
+  left[restored] = False
+  idle = np.flatnonzero(np.logical_not(active) & left)
   if len(idle):
     state, oracle_state = pusher.init(idle, np.zeros(len(idle), bool), oracle_state)
-    finished.append((idle, _to_host(state)))
-  waiting = list(np.flatnonzero(active))
+    collect(idle, _to_host(state))
+  waiting = list(np.flatnonzero(active & left))
   batch, rows = None, np.zeros((0,), np.int64)  # rows: sample id per row, -1 pad
-  done_count = len(idle)
+  done_count = len(idle) + len(restored)
   calls = slot_iterations = busy = 0
   while True:
     live = np.zeros((0,), bool)
@@ -246,10 +324,13 @@ def schedule(pusher: Pusher, count: int, *, oracle: oracle_lib.Oracle,
       live = (rows >= 0) & np.logical_not(done)
       over = np.flatnonzero((rows >= 0) & done)
       if len(over):
-        finished.append((rows[over], _host_rows(_to_host(batch), over)))
+        collect(rows[over], _host_rows(_to_host(batch), over))
         done_count += len(over)
         rows = np.where(done, -1, rows)
     live_count = int(live.sum())
+    if (resume.deadline is not None and batch is not None
+        and (live_count or waiting) and time.monotonic() >= resume.deadline):
+      raise DeadlineReached(done_count, len(restored), count)
     fresh = batch is None or (not pusher.refill and live_count == 0)
     room = slots - live_count if pusher.refill or fresh else 0
     new, waiting = waiting[:room], waiting[room:]
@@ -302,11 +383,15 @@ def schedule(pusher: Pusher, count: int, *, oracle: oracle_lib.Oracle,
     slot_iterations += len(rows) * int(advance.max())
     busy += int(advance.sum())
     if on_chunk is not None:
-      now_done = int(np.sum((rows >= 0) & np.asarray(batch.done)))
-      on_chunk(Progress(done_count + now_done, count,
+      over = (rows >= 0) & np.asarray(batch.done)
+      running = (rows >= 0) & np.logical_not(over)
+      now_done = done_count + int(over.sum())
+      on_chunk(Progress(now_done, count,
                         int(np.max(np.where(rows >= 0, after, 0))),
                         pusher.max_iterations, len(rows),
-                        int(oracle_state.queries)))
+                        int(oracle_state.queries),
+                        now_done * pusher.max_iterations
+                        + int(after[running].sum())))
   ids = np.concatenate([i for i, _ in finished])
   merged = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs),
                                   *[s for _, s in finished])

@@ -294,7 +294,8 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
                settings: ZooSettings, *, targets=None, active=None,
                oracle_state: oracle_lib.OracleState | None = None,
                on_chunk: Callable[[scheduler.Progress], None] | None = None,
-               mesh=None) -> scheduler.Schedule:
+               mesh=None, resume: scheduler.Resume | None = None
+               ) -> scheduler.Schedule:
   """Runs ZOO on all samples on the host scheduler (``scheduler.schedule``).
 
   At most ``sample_chunk_size`` samples are in flight (on n devices rounded up to a
@@ -314,6 +315,8 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
     on_chunk: called with a ``scheduler.Progress`` after every compiled chunk.
     mesh: the devices the samples are split over (default
       ``devices.sample_mesh()``; one device runs the single-device program).
+    resume: ``scheduler.Resume``: samples finished before (not run again),
+      ``on_finished``, a deadline.
 
   Returns:
     ``scheduler.Schedule(state, oracle_state, statistics)``: the final
@@ -340,6 +343,7 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
   Raises:
     ValueError: the oracle answers labels only.
     QueryBudgetExceeded: the oracle refused queries.
+    scheduler.DeadlineReached: ``resume.deadline`` passed.
   """
   if oracle.output != "probabilities":
     raise ValueError("ZOO needs the oracle's probabilities; this oracle answers "
@@ -368,4 +372,5 @@ def zoo_attack(oracle: oracle_lib.Oracle, images, labels, key: jax.Array,
   return scheduler.schedule(
       pusher, total, oracle=oracle,
       oracle_state=oracle.init() if oracle_state is None else oracle_state,
-      slots=settings.sample_chunk_size, active=active, mesh=mesh, on_chunk=on_chunk)
+      slots=settings.sample_chunk_size, active=active, mesh=mesh, on_chunk=on_chunk,
+      resume=resume)

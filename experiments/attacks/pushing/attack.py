@@ -22,6 +22,7 @@ from experiments.attacks.pushing import artefact
 from experiments.attacks.pushing import cache
 from experiments.attacks.pushing import pushers
 from experiments.attacks.pushing import blocks
+from experiments.attacks.pushing import partial
 from experiments.attacks.pushing import released_rule
 from experiments.attacks.pushing import sample_rules
 from ounl_jax import data as data_lib
@@ -87,6 +88,12 @@ class _ReleasedPush(NamedTuple):
   target_class: int | None
   size: int
   store: cache.BlockCache
+  keep: partial.Keep
+
+
+def _keep(ctx: pipeline.Context, workdir: str, key: str) -> partial.Keep:
+  """The push's finished samples on disk (``partial.py``) and its deadline."""
+  return partial.Keep(partial.PartialPush(workdir, key), ctx.deadline)
 
 
 def _pusher_and_oracle(ctx, config, attack_spec):
@@ -106,29 +113,35 @@ def _released(ctx, config, workdir: str, attack_spec) -> _ReleasedPush:
   candidates = sample_rules.candidate_order(ctx.splits.train, class_a, samples.seed)
   requested = sample_rules.requested_count(ctx.splits.train, class_a,
                                            samples.fraction, samples.max_samples)
-  store = cache.block_cache(workdir, push_fingerprint(ctx, config, candidates))
+  key = push_fingerprint(ctx, config, candidates)
   return _ReleasedPush(oracle, candidates, requested,
                        jax.random.key(config.attack.seed), pusher,
                        settings.target_class,
-                       blocks.block_size(samples.max_samples), store)
+                       blocks.block_size(samples.max_samples),
+                       cache.block_cache(workdir, key), _keep(ctx, workdir, key))
 
 
 def push_for(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: str,
              attack_spec, *, show_progress: bool = True) -> dict:
-  """The user's push under ``config.samples.rule`` (reused when saved)."""
+  """The user's push under ``config.samples.rule`` (reused when saved; an
+  interrupted push resumes from its finished samples, ``partial.py``, and stops
+  at ``ctx.deadline`` with ``errors.TimeBudgetReached``)."""
   if config.samples.rule == "released":
     push = _released(ctx, config, workdir, attack_spec)
     return cache.latest(workdir, released_rule.push_released(
         push.oracle, push.candidates, push.requested, push.key, push.pusher,
         target_class=push.target_class, size=push.size, store=push.store,
-        show_progress=show_progress))
+        show_progress=show_progress, keep=push.keep))
   _, _, pusher, oracle = _pusher_and_oracle(ctx, config, attack_spec)
   candidates = pipeline.user_samples(ctx, config)
+  key = push_fingerprint(ctx, config, candidates)
+  keep = _keep(ctx, workdir, key)
   run = lambda: sample_rules.push_fraction_first(
       oracle, candidates, jax.random.key(config.attack.seed), pusher,
-      show_progress=show_progress)
-  return cache.cached_push(
-      workdir, push_fingerprint(ctx, config, candidates), run)
+      show_progress=show_progress, keep=keep)
+  pushed = cache.cached_push(workdir, key, run)
+  keep.prune(np.arange(len(candidates)))   # Saved whole now.
+  return pushed
 
 
 def push_block_for(ctx: pipeline.Context, config: configs.ExperimentConfig,
@@ -140,7 +153,7 @@ def push_block_for(ctx: pipeline.Context, config: configs.ExperimentConfig,
   return released_rule.push_block(push.oracle, push.candidates, push.key,
                                   push.pusher, target_class=push.target_class,
                                   size=push.size, store=push.store, block=block,
-                                  end=end)
+                                  end=end, keep=push.keep)
 
 
 def throughput(ctx: pipeline.Context, settings: pushing_lib.PushSettings,

@@ -24,7 +24,9 @@ from ounl_jax.attacks import zoo
 
 
 class Pusher(NamedTuple):
-  """``push(oracle, images, labels, key, oracle_state, on_chunk) -> PushResult``.
+  """``push(oracle, images, labels, key, oracle_state, on_chunk, resume=None) ->
+  PushResult``; ``resume``: a ``scheduler.Resume`` (restored samples, their
+  saving, a deadline), which only attackers with ``per_sample_keys`` use.
 
   ``per_sample_keys``: ``key`` may be (N,) keys, sample i drawing from ``key[i]``
   alone (then ``released_rule.push_released`` pushes in one stream); else one key.
@@ -38,9 +40,10 @@ def zoo_pusher(settings: pushing_lib.PushSettings, start_images) -> Pusher:
   """The paper's coordinate ZOO-ADAM (Sec. III-C), one key per sample."""
   del start_images
 
-  def push(oracle, images, labels, key, oracle_state, on_chunk):
+  def push(oracle, images, labels, key, oracle_state, on_chunk, resume=None):
     return pushing_lib.push(oracle, images, labels, key, settings,
-                            oracle_state=oracle_state, on_chunk=on_chunk)
+                            oracle_state=oracle_state, on_chunk=on_chunk,
+                            resume=resume)
   return Pusher(push, per_sample_keys=True)
 
 
@@ -64,8 +67,8 @@ def label_only_pusher(settings: pushing_lib.PushSettings, start_images) -> Pushe
       label_mode=settings.label_mode,
       sample_chunk_size=settings.zoo.sample_chunk_size)
 
-  def push(oracle, images, labels, key, oracle_state, on_chunk):
-    del on_chunk
+  def push(oracle, images, labels, key, oracle_state, on_chunk, resume=None):
+    del on_chunk, resume  # Whole blocks, one call each: nothing to resume.
     return label_only.label_only_push(oracle, images, labels, key, walk,
                                       start_images=start_images,
                                       oracle_state=oracle_state)

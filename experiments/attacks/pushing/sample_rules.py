@@ -21,10 +21,12 @@ import jax
 import numpy as np
 
 from experiments.attacks.pushing import artefact
+from experiments.attacks.pushing import partial
 from experiments.run import compiling
 from experiments.run import errors
 from experiments.run import progress
 from ounl_jax import data as data_lib
+from ounl_jax.attacks import scheduler
 
 
 
@@ -48,36 +50,48 @@ def candidate_order(train: data_lib.LabelledImages, class_a: int,
 
 
 def bar_callback(bar, offset: int):
-  """Moves a progress bar with a push's chunks (samples done from ``offset``)."""
+  """Moves a progress bar with a push's chunks: the stream's sample-iterations
+  (``scheduler.Progress.sample_iterations``, of samples x max_iterations; they
+  move from the first chunk, so the ETA is an upper bound from the start), with
+  the samples done (from ``offset``) and the queries beside it."""
   def on_chunk(progress):
-    bar.n = min(offset + progress.samples_done, bar.total)
-    bar.set_postfix(iteration=progress.iteration, queries=progress.oracle_queries)
+    bar.total = progress.samples_total * progress.max_iterations
+    bar.n = min(progress.sample_iterations, bar.total)
+    bar.set_postfix(samples=offset + progress.samples_done,
+                    queries=progress.oracle_queries)
     bar.refresh()
   return on_chunk
 
 
 def push_fraction_first(oracle, samples: data_lib.LabelledImages, key: jax.Array,
-                        attack, *, show_progress: bool = True) -> dict:
+                        attack, *, show_progress: bool = True, keep=None) -> dict:
   """The first rule: push every drawn sample; the failures are dropped later.
 
   ``push_queries``, ``compile_seconds`` and ``pushed_now`` are this run's
   (``cached_push`` adds the seconds, and sets ``pushed_now`` to 0 when it reads a
-  saved push).
+  saved push). With ``keep`` (``partial.Keep``, sample i at position i) the
+  samples an interrupted run finished are restored and not pushed again.
   """
-  bar = progress.progress(total=len(samples), desc="pushing", unit="sample",
-                        enabled=show_progress)
+  bar = progress.progress(desc="pushing", unit="sample-it", enabled=show_progress)
   compiled = compiling.compile_seconds()
-  result = attack.push(oracle, samples.images, samples.labels, key, oracle.init(),
-                       bar_callback(bar, 0))
+  keep = partial.Keep() if keep is None else keep
+  try:
+    result = attack.push(oracle, samples.images, samples.labels, key, oracle.init(),
+                         bar_callback(bar, 0),
+                         resume=keep.resume(np.arange(len(samples))))
+  except scheduler.DeadlineReached as stop:
+    raise partial.stopped(stop, keep) from None
   compiled = compiling.compile_seconds() - compiled
   bar.close()
   arrays = artefact.to_arrays(samples, result)
   arrays.update(candidates_tried=np.asarray(len(samples)),
                 candidates_misclassified=np.asarray(int(np.sum(~result.attacked))),
                 screening_queries=np.asarray(0),
-                oracle_queries=np.asarray(result.oracle_queries),
+                # Restored samples' attack queries were answered by an earlier run.
+                oracle_queries=np.asarray(result.oracle_queries + int(
+                    result.attack_queries[keep.restored_ids].sum())),
                 push_queries=np.asarray(result.oracle_queries),
-                pushed_now=np.asarray(len(samples)),
+                pushed_now=np.asarray(len(samples) - keep.restored),
                 compile_seconds=np.asarray(compiled),
                 requested=np.asarray(len(samples)),
                 **artefact.occupancy_counts(result))

@@ -137,3 +137,64 @@ def test_batch_size_for_is_a_power_of_two_within_the_slots():
 
 def test_statistics_of_nothing():
   assert np.isnan(scheduler.statistics().slot_occupancy)
+
+
+def _joined(parts):
+  """``(ids, leaves)`` of several ``on_finished`` calls, as one ``restored``."""
+  ids = np.concatenate([i for i, _ in parts])
+  leaves = [np.concatenate(column) for column in zip(*[l for _, l in parts])]
+  return ids, leaves
+
+
+def test_a_resumed_schedule_runs_only_the_missing_samples_and_reports_each_once():
+  need = [1, 4, 2, 3, 5, 2]
+  active = np.array([True, True, True, False, True, True])
+  whole, _ = run(need, active=active)
+  # The first run stops at its deadline after one chunk: samples 0 finished.
+  first, log = [], {"init": [], "chunks": [], "progress": []}
+  pusher = toy_pusher(need, chunk=2, refill=True, log=log)
+  with pytest.raises(scheduler.DeadlineReached) as stop:
+    scheduler.schedule(pusher, len(need), oracle=ORACLE, oracle_state=ORACLE.init(),
+                       slots=2, active=active, resume=scheduler.Resume(
+                           on_finished=lambda i, l: first.append((i, l)),
+                           deadline=0.0))
+  assert len(log["chunks"]) == 1
+  done = np.concatenate([i for i, _ in first])
+  assert sorted(done.tolist()) == [0, 3] and stop.value.finished == 2
+  # The rerun restores them and runs only the others, each reported once.
+  second, log = [], {"init": [], "chunks": [], "progress": []}
+  result = scheduler.schedule(
+      toy_pusher(need, chunk=2, refill=True, log=log), len(need), oracle=ORACLE,
+      oracle_state=ORACLE.init(), slots=2, active=active,
+      on_chunk=log["progress"].append,
+      resume=scheduler.Resume(restored=_joined(first),
+                              on_finished=lambda i, l: second.append((i, l))))
+  live = [i for ids, flags in log["init"] for i, l in zip(ids, flags) if l]
+  assert sorted(live) == [1, 2, 4, 5]
+  again = np.concatenate([i for i, _ in second])
+  assert sorted(again.tolist()) == [1, 2, 4, 5]
+  for name in whole.state._fields:
+    np.testing.assert_array_equal(getattr(result.state, name),
+                                  getattr(whole.state, name))
+  # The bar's measure moves from the first chunk and ends at samples x maximum.
+  work = [p.sample_iterations for p in log["progress"]]
+  assert work[0] > 2 * 5 and work == sorted(work) and work[-1] == 6 * 5
+
+
+def test_without_a_deadline_on_finished_sees_every_sample_once():
+  need = [1, 4, 2, 3, 0]
+  seen = []
+  scheduler.schedule(toy_pusher(need, chunk=2, refill=False,
+                                log={"init": [], "chunks": []}),
+                     len(need), oracle=ORACLE, oracle_state=ORACLE.init(), slots=2,
+                     resume=scheduler.Resume(on_finished=lambda i, l: seen.append(i)))
+  assert sorted(np.concatenate(seen).tolist()) == list(range(len(need)))
+
+
+def test_restored_rows_of_another_state_are_refused():
+  need = [1, 2]
+  with pytest.raises(ValueError, match="do not match"):
+    scheduler.schedule(
+        toy_pusher(need, chunk=2, refill=True, log={"init": [], "chunks": []}), 2,
+        oracle=ORACLE, oracle_state=ORACLE.init(), slots=2,
+        resume=scheduler.Resume(restored=(np.array([0]), [np.zeros(1)])))

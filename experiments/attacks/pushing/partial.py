@@ -1,0 +1,114 @@
+"""A push that resumes: its finished samples, saved as they finish.
+
+While a push stream runs, every batch of samples the scheduler collects
+(``scheduler.Resume.on_finished``) is written atomically to its own file,
+``attack/partial-<fingerprint>/rows-<ns>-<pid>.npz``: their queue positions, their
+final attack states (the scheduler's host rows) and the push's fingerprint
+(``cache.fingerprint``, so a save from other settings, data or model is never
+read). The folder is only appended to. A rerun of an interrupted push (``kill
+-9``, ``--time_budget``) restores the positions it holds and pushes only the
+others: a sample's trajectory depends only on its key, index and iteration
+(docs/protocol.md §4, §19). Once a push's rows are saved whole (a block, or
+``pushed-<fingerprint>.npz``), the files of its positions are removed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import numpy as np
+
+from experiments.attacks.pushing import cache
+from experiments.run import errors
+from ounl_jax.attacks import scheduler
+
+
+class PartialPush:
+  """The finished samples of a push's streams on disk (module doc)."""
+
+  def __init__(self, workdir: str, key: str):
+    self.folder = os.path.join(workdir, "attack", f"partial-{key}")
+    self.key = key
+
+  def _files(self) -> list[str]:
+    return sorted(glob.glob(os.path.join(self.folder, "rows-*.npz")))
+
+  def save(self, positions: np.ndarray, leaves: list[np.ndarray]) -> None:
+    """One atomic file of finished samples (never rewrites another)."""
+    name = f"rows-{time.time_ns()}-{os.getpid()}.npz"
+    cache.save(os.path.join(self.folder, name), {
+        "positions": np.asarray(positions, np.int64), "fingerprint": self.key,
+        **{f"leaf_{i:03d}": leaf for i, leaf in enumerate(leaves)}})
+
+  def load(self) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Every saved position (the first save of each) and its state leaves."""
+    positions, columns = [], []
+    for path in self._files():
+      saved = cache.load(path, self.key)
+      if saved is None:
+        continue
+      positions.append(saved["positions"])
+      columns.append([saved[k] for k in sorted(saved) if k.startswith("leaf_")])
+    if not positions:
+      return np.zeros((0,), np.int64), []
+    positions = np.concatenate(positions)
+    _, first = np.unique(positions, return_index=True)
+    leaves = [np.concatenate(column)[first] for column in zip(*columns)]
+    return positions[first], leaves
+
+  def prune(self, saved: np.ndarray) -> None:
+    """Removes the files whose positions are all in ``saved`` (kept whole now)."""
+    for path in self._files():
+      try:
+        with np.load(path) as rows:
+          covered = np.isin(rows["positions"], saved).all()
+      except (OSError, ValueError, KeyError):
+        continue
+      if covered:
+        os.remove(path)
+
+
+class Keep:
+  """How a push keeps its finished samples (``store``, None: in memory only) and
+  when it stops (``deadline``, a ``time.monotonic()`` value; None: never)."""
+
+  def __init__(self, store: PartialPush | None = None,
+               deadline: float | None = None):
+    self.store, self.deadline = store, deadline
+    self.restored = 0   # Samples restored from the store by this run,
+    self.restored_ids = np.zeros((0,), np.int64)   # and those of the last stream.
+
+  def resume(self, positions: np.ndarray) -> scheduler.Resume:
+    """The ``scheduler.Resume`` of a stream whose sample i is ``positions[i]``."""
+    positions = np.asarray(positions, np.int64)
+    if self.store is None:
+      return scheduler.Resume(deadline=self.deadline)
+    self.restored_ids = np.zeros((0,), np.int64)
+    saved, leaves = self.store.load()
+    found = np.isin(saved, positions)
+    restored = None
+    if found.any():
+      where = {int(p): i for i, p in enumerate(positions)}
+      ids = np.array([where[int(p)] for p in saved[found]], np.int64)
+      restored = (ids, [leaf[found] for leaf in leaves])
+      self.restored += len(ids)
+      self.restored_ids = ids
+    store = self.store
+    return scheduler.Resume(
+        restored, lambda ids, rows: store.save(positions[ids], rows), self.deadline)
+
+  def prune(self, positions: np.ndarray) -> None:
+    if self.store is not None:
+      self.store.prune(np.asarray(positions, np.int64))
+
+
+def stopped(stop: scheduler.DeadlineReached, keep: Keep) -> errors.TimeBudgetReached:
+  """The one-line stop of a push at its ``--time_budget``."""
+  where = (f"saved in {keep.store.folder}" if keep.store is not None
+           else "not saved")
+  return errors.TimeBudgetReached(
+      f"the time budget ran out: this run pushed {stop.finished - stop.restored} "
+      f"samples ({stop.finished} of this stream's {stop.total} are {where}); "
+      "rerun the same command to continue.")
