@@ -77,20 +77,8 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: runs, logs, records status+secon
   fi
 }
 
-install_carry() {
-  if [ ! -d "$CARRY/wheels" ]; then
-    echo "no $CARRY/wheels: run benchmarks/prepare_carry.sh on a machine with pip" >&2
-    return 1
-  fi
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target "$SITE" --find-links "$CARRY/wheels" \
-    tensorflow-datasets tensorflow-metadata array-record dm-tree promise \
-    immutabledict toml termcolor simple-parsing docstring-parser \
-    googleapis-common-protos importlib-resources dm-pix &&
-  PYTHONPATH="$SITE:$ROOT" "$PYTHON" -c \
-    "import tensorflow_datasets, array_record, ounl_jax; print('imports ok')"
-}
-
+# shellcheck source=benchmarks/carry.sh
+source "$ROOT/benchmarks/carry.sh"
 export -f install_carry
 export PYTHON CARRY SITE ROOT
 step install 120 bash -c install_carry

@@ -80,7 +80,9 @@ def measure(ctx: pipeline.Context, config: configs.ExperimentConfig,
   fitted = protect.fit_protections(ctx, config, calibration, size)
   if "record_matching" in fitted:
     attacks.update(adaptive.projected_sets(
-        attacks, fitted["record_matching"].details["radius"]))
+        attacks, fitted["record_matching"].details["radius"]),
+                   **adaptive.boundary_records(ctx, config, user_ids,
+                                               len(attacks["normal"][1])))
   notes["sizes"] = {k: int(len(v[1])) for k, v in attacks.items()}
   evaluation_jpeg = study.screens.jpeg_reencode(evaluation.images,
                                                 settings.jpeg_quality)

@@ -4,9 +4,15 @@ Train a few steps, one first-order unlearning and a short ZOO push, all on the
 accelerator, asserting where the arrays live.
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
+
+from experiments.setup import cli
 
 from ounl_jax import models
 from ounl_jax import service as service_lib
@@ -60,3 +66,41 @@ def test_training_unlearning_and_pushing_run_on_the_gpu():
                         settings)
   assert result.oracle_queries > 0
   assert np.isfinite(float(metrics["loss"]))
+
+
+TRAIN_TWICE = """
+import sys
+import jax
+import numpy as np
+from ounl_jax import models
+from ounl_jax import train as train_lib
+from tests.test_gpu import _separable_data
+model = models.get_model("vgg3", num_classes=10, width=32)
+optimizer = train_lib.amsgrad(1e-3)
+state = train_lib.init_train_state(model.init(jax.random.key(0)), optimizer)
+step = train_lib.make_train_step(model, optimizer)
+images, labels = _separable_data(1024)
+for epoch in range(2):
+  state, _ = train_lib.train_epoch(step, state, images, labels, jax.random.key(epoch))
+leaves = jax.tree_util.tree_leaves(state.variables)
+np.savez(sys.argv[1], *[np.asarray(leaf) for leaf in leaves])
+"""
+
+
+def test_same_seed_gives_bit_identical_parameters_on_the_gpu(tmp_path):
+  # Each run in its own process: XLA reads XLA_FLAGS when its backend starts.
+  _gpu()
+  env = {**os.environ, "XLA_FLAGS": " ".join(
+      [os.environ.get("XLA_FLAGS", ""), cli.DETERMINISTIC_GPU_FLAG]).strip()}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+  runs = []
+  for name in ("a", "b"):
+    path = tmp_path / f"{name}.npz"
+    subprocess.run([sys.executable, "-c", TRAIN_TWICE, str(path)], env=env,
+                   check=True, cwd=root, timeout=300)
+    with np.load(path) as saved:
+      runs.append([saved[k] for k in sorted(saved.files, key=lambda k: int(k[4:]))])
+  assert len(runs[0]) == len(runs[1]) > 0
+  for first, second in zip(*runs):
+    assert np.array_equal(first, second)

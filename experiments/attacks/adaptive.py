@@ -20,6 +20,13 @@ Two against the protections (issue 25, ``experiments/server/protections.py``):
 * **Many small requests** (``<attack>_split<k>``, made by
   ``experiments/studies/defences/protect.py``): the attack's request sent as k
   requests in sequence, to stay under a per-request damage bound.
+* **Aiming at other records** (``boundary_records``): under record matching the
+  server unlearns whichever stored record a submitted image matches, so the most a
+  user can make it unlearn is N stored records of the label, chosen to hurt. This
+  set is the upper bound of that user: the N stored class-A training records that
+  are not the user's and that the clean model puts nearest its boundary (smallest
+  ``log p_A - max_j log p_j``), sent as they are, so each matches itself. A real
+  user holds none of them and could at best aim near some; the set grants it all.
 
 ``after_screening`` measures what a server that drops the flagged samples and
 unlearns the rest ends up with (class-A and overall accuracy), per screen and
@@ -33,6 +40,7 @@ import numpy as np
 from experiments.attacks.pushing import artefact
 from experiments.run import pipeline
 from ounl_jax import service as service_lib
+from ounl_jax.attacks import labels as labels_lib
 from ounl_jax.attacks import margin_evasion
 from ounl_jax.defences import record_matching
 from ounl_jax.defences import screening
@@ -51,6 +59,8 @@ def label(attack: str) -> str:
     return f"{names[base]}, margin >= {kappa} (adaptive)"
   if attack.startswith("mixed_"):
     return f"Pushing-II {float(attack[6:]):.0%} + honest (adaptive)"
+  if attack == "boundary_records":
+    return "Other users' records nearest the boundary (adaptive, upper bound)"
   if attack.endswith("_projected") and attack[:-10] in names:
     return f"{names[attack[:-10]]}, projected to its record (adaptive)"
   if "_split" in attack:
@@ -93,6 +103,24 @@ def mixed_sets(normal: tuple, pushing_ii: tuple, fractions) -> dict:
     sets[f"mixed_{p:g}"] = (np.concatenate([pushing_ii[0][:k], normal[0][k:]]),
                             np.concatenate([pushing_ii[1][:k], normal[1][k:]]))
   return sets
+
+
+def boundary_records(ctx: pipeline.Context, config, user_ids: np.ndarray,
+                     count: int) -> dict:
+  """``{"boundary_records": (images, labels)}``: the ``count`` stored class-A
+  training records outside ``user_ids`` with the smallest clean margin (module
+  doc; margins from the server's own answers, an upper bound's knowledge)."""
+  class_a = pipeline.class_a_of(ctx.spec, config)
+  train = ctx.splits.train
+  others = np.flatnonzero((train.labels == class_a)
+                          & ~np.isin(train.ids, np.asarray(user_ids)))
+  oracle = pipeline.new_server(ctx, config).oracle()
+  answers, _ = labels_lib.oracle_answers(oracle, oracle.init(),
+                                         train.images[others])
+  logs = np.log(np.maximum(answers, 1e-30))
+  rival = np.max(np.delete(logs, class_a, axis=1), axis=1)
+  chosen = others[np.argsort(logs[:, class_a] - rival, kind="stable")[:count]]
+  return {"boundary_records": (train.images[chosen], train.labels[chosen])}
 
 
 def project_within_radius(original, pushed, radius: float,

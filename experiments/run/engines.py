@@ -15,6 +15,7 @@ Both skip the stages an earlier run finished (``stages.is_done``) and return
 from __future__ import annotations
 
 import collections
+import os
 from typing import NamedTuple
 
 from experiments.run import errors
@@ -123,10 +124,14 @@ def _task_options(ray, stage: grid.Stage, gpus_per_task: float | None) -> dict:
 
 
 def _worker_env(gpus_per_task: float | None) -> dict:
-  """Several processes on one GPU: JAX must not take 75% of it in each."""
+  """The workers' XLA_FLAGS (``--deterministic``), and with several processes on
+  one GPU no preallocation (JAX would take 75% of it in each)."""
+  env = {}
+  if os.environ.get("XLA_FLAGS"):
+    env["XLA_FLAGS"] = os.environ["XLA_FLAGS"]
   if gpus_per_task is not None and 0 < gpus_per_task < 1:
-    return {"env_vars": {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}}
-  return {}
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  return {"env_vars": env} if env else {}
 
 
 def run_ray(stages: list[grid.Stage], root: str, *, address: str | None = None,

@@ -310,15 +310,17 @@ def match_distance(index: RecordIndex, images, labels) -> np.ndarray:
 
 
 def calibrate_radius(index: RecordIndex, honest_images, honest_labels, *,
-                     rate: float = screening.DEFAULT_FALSE_REJECTION_RATE) -> float:
-  """The radius refusing at most ``rate`` of honest samples (``screening.calibrate``).
+                     rate: float = screening.DEFAULT_FALSE_REJECTION_RATE,
+                     confidence: float | None = 0.95) -> float:
+  """The radius refusing at most ``rate`` of honest samples (``screening.calibrate``),
+  on new honest samples with probability ``confidence`` (None: on these).
 
   ``honest_images`` should be what honest users send: stored records after the
   re-encoding they may go through (``reencode_jpeg`` of a sample of the training
   set), calibrated on samples other than those the false rejection is measured on.
   """
   return screening.calibrate(match_distance(index, honest_images, honest_labels),
-                             rate)
+                             rate, confidence=confidence)
 
 
 def match(index: RecordIndex, images, labels, radius: float) -> Matches:

@@ -22,21 +22,60 @@ import numpy as np
 DEFAULT_FALSE_REJECTION_RATE = 0.01
 
 
-def calibrate(honest_scores, rate: float = DEFAULT_FALSE_REJECTION_RATE) -> float:
-  """The threshold flagging at most ``rate`` of ``honest_scores`` (flag: s > t).
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+  """P(X <= k) for X ~ Binomial(n, p), summed in log space."""
+  if p <= 0.0:
+    return 1.0
+  log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+               + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(k + 1)]
+  top = max(log_terms)
+  return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
 
-  With n honest scores sorted ascending and k = floor(rate * n), the threshold is
-  the (n - k)-th smallest score: at most k scores lie strictly above it (fewer
-  when scores tie at the threshold, e.g. a binary score).
+
+def exceedances_allowed(n: int, rate: float, confidence: float | None) -> int:
+  """How many of n honest scores may lie above the threshold.
+
+  Without ``confidence``: floor(rate * n), the empirical quantile (its true false
+  rejection on new honest samples is about ``rate`` on average, and above it about
+  half the time). With it: the largest k with P(Binomial(n, rate) <= k) <= 1 -
+  confidence. The true rejection rate of the threshold with k of n above it is
+  Beta(k + 1, n - k) distributed, and P(Beta(k + 1, n - k) > rate) = P(Binomial(n,
+  rate) <= k), so it stays at most ``rate`` with probability ``confidence``
+  (0 when n is too small for that: the largest score).
+
+  >>> exceedances_allowed(2000, 0.01, None), exceedances_allowed(2000, 0.01, 0.95)
+  (20, 12)
+  >>> exceedances_allowed(100, 0.05, 0.95), exceedances_allowed(10, 0.01, 0.95)
+  (1, 0)
+  """
+  if confidence is None:
+    return math.floor(rate * n + 1e-9)
+  k = 0
+  while k + 1 < n and _binomial_cdf(k + 1, n, rate) <= 1.0 - confidence:
+    k += 1
+  return k
+
+
+def calibrate(honest_scores, rate: float = DEFAULT_FALSE_REJECTION_RATE, *,
+              confidence: float | None = None) -> float:
+  """The threshold flagging at most ``rate`` of honest samples (flag: s > t).
+
+  With n honest scores sorted ascending and k = ``exceedances_allowed(n, rate,
+  confidence)``, the threshold is the (n - k)-th smallest score: at most k scores
+  lie strictly above it (fewer when scores tie at the threshold, e.g. a binary
+  score). ``confidence`` (say 0.95) holds ``rate`` on new honest samples with that
+  probability instead of on the calibration samples.
   """
   scores = np.sort(np.asarray(honest_scores, np.float64).ravel())
   if not len(scores):
     raise ValueError("calibrate needs at least one honest score.")
   if not 0.0 <= rate < 1.0:
     raise ValueError(f"rate must be in [0, 1), got {rate}.")
+  if confidence is not None and not 0.0 < confidence < 1.0:
+    raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
   if not np.isfinite(scores).all():
     raise ValueError("Honest scores must be finite.")
-  k = math.floor(rate * len(scores) + 1e-9)
+  k = exceedances_allowed(len(scores), rate, confidence)
   return float(scores[len(scores) - 1 - k])
 
 

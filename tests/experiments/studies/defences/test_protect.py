@@ -141,12 +141,16 @@ def test_the_study_measures_every_protection_on_mock_data(mock_cifar10):
   attacks = set(runs["none"]["attacks"])
   assert {"normal", "blending", "pushing_i", "pushing_ii", "mixed_0.5"} <= attacks
   assert {"normal_split2", "pushing_ii_split2", "pushing_i_projected",
-          "pushing_ii_projected"} <= attacks
+          "pushing_ii_projected", "boundary_records"} <= attacks
   assert results["attack_notes"]["sizes"]["pushing_ii_projected"] == 3
   # Two requests in sequence, each scaled by its own alpha.
   assert len(runs["damage_bound"]["attacks"]["pushing_ii_split2"]["alpha"]) == 2
   # Record matching unlearns stored records only: at most one per sample.
   assert runs["record_matching"]["attacks"]["pushing_ii"]["unlearned"] <= 3
+  # The user aiming at other users' records: 3 stored airplanes, none its own,
+  # each matching itself, so record matching unlearns all 3.
+  assert results["attack_notes"]["sizes"]["boundary_records"] == 3
+  assert runs["record_matching"]["attacks"]["boundary_records"]["unlearned"] == 3
   kept = results["damage_kept"]
   for name in protections.PROTECTIONS:
     assert set(kept[name]) == attacks - {"normal", "normal_split2"}
@@ -165,3 +169,31 @@ def test_the_study_measures_every_protection_on_mock_data(mock_cifar10):
   assert "## Damage kept away" in markdown and "Goal (issue 25)" in markdown
   assert "| Record matching + damage bound | Pushing-II |" in markdown
   assert (workdir / "defences_damage.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_boundary_records_are_other_users_class_a_records_nearest_the_boundary(
+    mock_cifar10):
+  config = overrides.override(
+      configs.ExperimentConfig(), width=2, epochs=1, patience=1,
+      max_train_per_class=12, max_test_per_class=4)
+  ctx = pipeline.prepare(config.train, str(mock_cifar10 / "run"),
+                         show_progress=False)
+  class_a = pipeline.class_a_of(ctx.spec, config)
+  train = ctx.splits.train
+  airplanes = train.ids[train.labels == class_a]
+  user = airplanes[:3]
+  images, labels = adaptive.boundary_records(ctx, config, user, 4)[
+      "boundary_records"]
+  assert (labels == class_a).all() and len(labels) == 4
+  # By hand: the clean model's margins of every airplane the user does not own.
+  others = np.flatnonzero((train.labels == class_a) & ~np.isin(train.ids, user))
+  logits = ctx.trained.model.apply(ctx.trained.variables, train.images[others])
+  logs = np.asarray(logits) - np.log(np.exp(np.asarray(logits, np.float64)).sum(
+      1, keepdims=True))
+  margin = logs[:, class_a] - np.max(np.delete(logs, class_a, axis=1), axis=1)
+  flat = train.images[others].reshape(len(others), -1)
+  chosen = np.array([np.flatnonzero((flat == image.ravel()).all(1))[0]
+                     for image in images])
+  assert len(set(chosen.tolist())) == 4  # Other users' records, all distinct.
+  rest = np.setdiff1d(np.arange(len(others)), chosen)
+  assert margin[chosen].max() <= margin[rest].min() + 1e-5
