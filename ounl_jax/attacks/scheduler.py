@@ -121,11 +121,21 @@ class Resume(NamedTuple):
       out), each leading with n.
     deadline: a ``time.monotonic()`` value; checked between chunks, the schedule
       stops with ``DeadlineReached`` once it has passed (None: no limit).
+    running: ``(ids, leaves)``: samples an earlier run left in flight, in the
+      form ``on_running`` received them: they are admitted first and continue
+      from these states (their PRNG keys from ``init``), not from the start.
+    on_running: ``on_running(ids, leaves)``: the samples in flight and their
+      current host state rows, every ``save_every`` seconds (between chunks)
+      and when the deadline stops the schedule, so that a sample needing longer
+      than a run can last still finishes over several runs.
   """
 
   restored: tuple[np.ndarray, list[np.ndarray]] | None = None
   on_finished: Callable[[np.ndarray, list[np.ndarray]], None] | None = None
   deadline: float | None = None
+  running: tuple[np.ndarray, list[np.ndarray]] | None = None
+  on_running: Callable[[np.ndarray, list[np.ndarray]], None] | None = None
+  save_every: float = 60.0
 
 
 class DeadlineReached(Exception):
@@ -228,6 +238,33 @@ def _restore(pusher: Pusher, ids: np.ndarray, leaves, oracle_state):
                                       leaves)
 
 
+def _carry_over(state, ids: np.ndarray, live: np.ndarray, carried):
+  """``init``'s rows with the saved state of samples left in flight (``carried``:
+  their ids, host leaves and ``{id: row}``); PRNG key leaves stay ``init``'s."""
+  if carried is None:
+    return state
+  _, saved, where = carried
+  rows = [r for r, (i, l) in enumerate(zip(ids, live)) if l and int(i) in where]
+  if not rows:
+    return state
+  source = np.array([where[int(ids[r])] for r in rows])
+  leaves, treedef = jax.tree_util.tree_flatten(state)
+  host = iter(saved)
+  index = jnp.asarray(rows, jnp.int32)
+  carried = [leaf if _is_key(leaf) else
+             leaf.at[index].set(jnp.asarray(next(host)[source], leaf.dtype))
+             for leaf in leaves]
+  return jax.tree_util.tree_unflatten(treedef, carried)
+
+
+def _in_flight(resume: Resume, batch, rows: np.ndarray, live: np.ndarray) -> None:
+  """Hands the samples in flight and their host rows to ``resume.on_running``."""
+  keep = np.flatnonzero(live)
+  if resume.on_running is not None and len(keep):
+    resume.on_running(rows[keep], jax.tree_util.tree_leaves(
+        _host_rows(_to_host(batch), keep)))
+
+
 @jax.jit
 def _gather(batch, take):
   """Row r of the result is ``batch``'s row ``take[r]`` (one compiled call)."""
@@ -313,7 +350,15 @@ def schedule(pusher: Pusher, count: int, *, oracle: oracle_lib.Oracle,
   if len(idle):
     state, oracle_state = pusher.init(idle, np.zeros(len(idle), bool), oracle_state)
     collect(idle, _to_host(state))
-  waiting = list(np.flatnonzero(active & left))
+  carried = None  # Samples left in flight by an earlier run: (ids, leaves, rows).
+  if resume.running is not None and len(resume.running[0]):
+    ids = np.asarray(resume.running[0], np.int64)
+    carried = (ids, [np.asarray(leaf) for leaf in resume.running[1]],
+               {int(i): r for r, i in enumerate(ids) if left[i] and active[i]})
+  first = [] if carried is None else sorted(carried[2])
+  waiting = first + [i for i in np.flatnonzero(active & left)
+                     if carried is None or int(i) not in carried[2]]
+  last_save = time.monotonic()
   batch, rows = None, np.zeros((0,), np.int64)  # rows: sample id per row, -1 pad
   done_count = len(idle) + len(restored)
   calls = slot_iterations = busy = 0
@@ -328,9 +373,14 @@ def schedule(pusher: Pusher, count: int, *, oracle: oracle_lib.Oracle,
         done_count += len(over)
         rows = np.where(done, -1, rows)
     live_count = int(live.sum())
-    if (resume.deadline is not None and batch is not None
-        and (live_count or waiting) and time.monotonic() >= resume.deadline):
-      raise DeadlineReached(done_count, len(restored), count)
+    if batch is not None and (live_count or waiting):
+      now = time.monotonic()
+      if resume.deadline is not None and now >= resume.deadline:
+        _in_flight(resume, batch, rows, live)
+        raise DeadlineReached(done_count, len(restored), count)
+      if now - last_save >= resume.save_every:
+        _in_flight(resume, batch, rows, live)
+        last_save = now
     fresh = batch is None or (not pusher.refill and live_count == 0)
     room = slots - live_count if pusher.refill or fresh else 0
     new, waiting = waiting[:room], waiting[room:]
@@ -346,6 +396,7 @@ def schedule(pusher: Pusher, count: int, *, oracle: oracle_lib.Oracle,
     if fresh:
       ids = np.concatenate([new, np.full(size - total, new[0])]).astype(np.int32)
       batch, oracle_state = pusher.init(ids, np.arange(size) < total, oracle_state)
+      batch = _carry_over(batch, ids, np.arange(size) < total, carried)
       rows = np.concatenate([np.asarray(new, np.int64),
                              np.full(size - total, -1, np.int64)])
     elif new or size != len(rows):
@@ -362,6 +413,7 @@ def schedule(pusher: Pusher, count: int, *, oracle: oracle_lib.Oracle,
         fill = np.zeros(size, bool)
         fill[len(keep):total] = True
         fresh_rows, oracle_state = pusher.init(ids, fill, oracle_state)
+        fresh_rows = _carry_over(fresh_rows, ids, fill, carried)
         batch = _refill(batch, take, jnp.asarray(fill), fresh_rows)
       else:
         batch = _gather(batch, take)

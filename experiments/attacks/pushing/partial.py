@@ -8,7 +8,10 @@ final attack states (the scheduler's host rows) and the push's fingerprint
 read). The folder is only appended to. A rerun of an interrupted push (``kill
 -9``, ``--time_budget``) restores the positions it holds and pushes only the
 others: a sample's trajectory depends only on its key, index and iteration
-(docs/protocol.md §4, §19). Once a push's rows are saved whole (a block, or
+(docs/protocol.md §4, §19). The samples in flight are saved too, every
+``save_every`` seconds and at the deadline (``running-<stream>.npz``, replaced
+each time), and a rerun continues them from there: a sample that needs longer
+than one run still finishes. Once a push's rows are saved whole (a block, or
 ``pushed-<fingerprint>.npz``), the files of its positions are removed.
 """
 
@@ -32,8 +35,20 @@ class PartialPush:
     self.folder = os.path.join(workdir, "attack", f"partial-{key}")
     self.key = key
 
-  def _files(self) -> list[str]:
-    return sorted(glob.glob(os.path.join(self.folder, "rows-*.npz")))
+  def _files(self, kind: str = "rows") -> list[str]:
+    return sorted(glob.glob(os.path.join(self.folder, f"{kind}-*.npz")))
+
+  def save_running(self, positions: np.ndarray, leaves: list[np.ndarray],
+                   stream: str) -> None:
+    """The samples a stream has in flight (one file per stream, replaced)."""
+    cache.save(os.path.join(self.folder, f"running-{stream}.npz"), {
+        "positions": np.asarray(positions, np.int64), "fingerprint": self.key,
+        **{f"leaf_{i:03d}": leaf for i, leaf in enumerate(leaves)}})
+
+  def load_running(self) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Every position left in flight (the newest save of each) and its leaves."""
+    return self._merge(sorted(self._files("running"), key=os.path.getmtime,
+                              reverse=True))
 
   def save(self, positions: np.ndarray, leaves: list[np.ndarray]) -> None:
     """One atomic file of finished samples (never rewrites another)."""
@@ -44,8 +59,12 @@ class PartialPush:
 
   def load(self) -> tuple[np.ndarray, list[np.ndarray]]:
     """Every saved position (the first save of each) and its state leaves."""
+    return self._merge(self._files())
+
+  def _merge(self, paths) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The positions of ``paths`` (the first file holding each) and leaves."""
     positions, columns = [], []
-    for path in self._files():
+    for path in paths:
       saved = cache.load(path, self.key)
       if saved is None:
         continue
@@ -60,7 +79,7 @@ class PartialPush:
 
   def prune(self, saved: np.ndarray) -> None:
     """Removes the files whose positions are all in ``saved`` (kept whole now)."""
-    for path in self._files():
+    for path in self._files() + self._files("running"):
       try:
         with np.load(path) as rows:
           covered = np.isin(rows["positions"], saved).all()
@@ -75,8 +94,8 @@ class Keep:
   when it stops (``deadline``, a ``time.monotonic()`` value; None: never)."""
 
   def __init__(self, store: PartialPush | None = None,
-               deadline: float | None = None):
-    self.store, self.deadline = store, deadline
+               deadline: float | None = None, save_every: float = 60.0):
+    self.store, self.deadline, self.save_every = store, deadline, save_every
     self.restored = 0   # Samples restored from the store by this run,
     self.restored_ids = np.zeros((0,), np.int64)   # and those of the last stream.
 
@@ -95,9 +114,22 @@ class Keep:
       restored = (ids, [leaf[found] for leaf in leaves])
       self.restored += len(ids)
       self.restored_ids = ids
-    store = self.store
+    running = self._running(positions, saved)
+    store, stream = self.store, f"{positions.min()}-{positions.max()}"
     return scheduler.Resume(
-        restored, lambda ids, rows: store.save(positions[ids], rows), self.deadline)
+        restored, lambda ids, rows: store.save(positions[ids], rows), self.deadline,
+        running, lambda ids, rows: store.save_running(positions[ids], rows, stream),
+        self.save_every)
+
+  def _running(self, positions: np.ndarray, finished: np.ndarray):
+    """The stream's samples an earlier run left in flight (not finished since)."""
+    saved, leaves = self.store.load_running()
+    found = np.isin(saved, positions) & ~np.isin(saved, finished)
+    if not found.any():
+      return None
+    where = {int(p): i for i, p in enumerate(positions)}
+    return (np.array([where[int(p)] for p in saved[found]], np.int64),
+            [leaf[found] for leaf in leaves])
 
   def prune(self, positions: np.ndarray) -> None:
     if self.store is not None:

@@ -198,3 +198,33 @@ def test_restored_rows_of_another_state_are_refused():
         toy_pusher(need, chunk=2, refill=True, log={"init": [], "chunks": []}), 2,
         oracle=ORACLE, oracle_state=ORACLE.init(), slots=2,
         resume=scheduler.Resume(restored=(np.array([0]), [np.zeros(1)])))
+
+
+def test_samples_in_flight_at_the_deadline_continue_where_they_stopped():
+  # Sample 1 needs 9 iterations, more than any one run below lasts (one chunk of
+  # 2): it finishes only because each run continues it from the saved state.
+  need = [1, 9, 2]
+  whole, _ = run(need)
+  finished, running, runs = [], None, 0
+  while True:
+    runs += 1
+    assert runs < 10, "no progress across runs"
+    log = {"init": [], "chunks": []}
+    saved = []
+    resume = scheduler.Resume(
+        restored=_joined(finished) if finished else None,
+        on_finished=lambda i, l: finished.append((i, l)), deadline=0.0,
+        running=running, on_running=lambda i, l: saved.append((i, l)))
+    try:
+      result = scheduler.schedule(
+          toy_pusher(need, chunk=2, refill=True, log=log), len(need),
+          oracle=ORACLE, oracle_state=ORACLE.init(), slots=2, resume=resume)
+      break
+    except scheduler.DeadlineReached:
+      assert len(log["chunks"]) == 1 and len(saved) == 1
+      running = saved[0]  # Restarted from iteration 0 it would never finish.
+  assert runs == 5  # Sample 1: 2 + 2 + 2 + 2 + 1 iterations.
+  for name in whole.state._fields:
+    np.testing.assert_array_equal(getattr(result.state, name),
+                                  getattr(whole.state, name))
+  assert int(np.sum(result.state.iterations)) == 1 + 9 + 2

@@ -2,6 +2,7 @@
 saved as they finish, restored by a rerun after ``kill -9`` or a time budget."""
 
 import dataclasses
+import glob
 import os
 import signal
 import subprocess
@@ -127,3 +128,28 @@ def test_a_save_of_another_push_is_never_read(tmp_path):
   other = partial.PartialPush(workdir, "fp")
   other.key = "another"
   assert len(other.load()[0]) == 0
+
+
+def test_runs_shorter_than_a_sample_still_finish_the_push(tmp_path, monkeypatch):
+  # Every run stops after its first chunk (10 iterations): the samples in flight
+  # are saved at the deadline and continued by the next run, so the push ends.
+  workdir = str(tmp_path)
+
+  class Clock:  # Past the deadline (1.0) from the start.
+    @staticmethod
+    def monotonic():
+      return 2.0
+
+  monkeypatch.setattr(scheduler, "time", Clock)
+  for runs in range(1, 60):
+    try:
+      resumed = push(workdir, deadline=1.0)
+      break
+    except errors.TimeBudgetReached:
+      continue
+  monkeypatch.undo()
+  assert runs > 2
+  assert_same_push(resumed, push())
+  running = glob.glob(os.path.join(partial.PartialPush(workdir, "fp").folder,
+                                   "running-*.npz"))
+  assert running == []  # Pruned with the rest once the blocks are saved.
