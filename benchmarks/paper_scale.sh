@@ -36,7 +36,7 @@ export TFDS_DATA_DIR="${TFDS_DATA_DIR:-$CARRY/tensorflow_datasets_small}"
 export PYTHONUNBUFFERED=1
 
 if [ "$SMOKE" = "1" ]; then
-  CALL_SECONDS="${CALL_SECONDS:-30}"
+  CALL_SECONDS="${CALL_SECONDS:-60}"
   ARGS=(--scale=smoke)
 else
   CALL_SECONDS="${CALL_SECONDS:-510}"

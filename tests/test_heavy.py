@@ -43,11 +43,11 @@ def test_paper_scale_script_resumes_across_calls_until_the_report(tmp_path):
   if data_dir is None:
     pytest.skip("Real CIFAR-10 not found (set TFDS_DATA_DIR).")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "SMOKE": "1", "CALL_SECONDS": "25", "PYTHON": sys.executable,
+  env = {**os.environ, "SMOKE": "1", "CALL_SECONDS": "60", "PYTHON": sys.executable,
          "WORKDIR": str(tmp_path / "work"), "TFDS_DATA_DIR": data_dir}
   codes = []
   while not codes or codes[-1] == 75:
-    assert len(codes) < 12, codes
+    assert len(codes) < 20, codes
     codes.append(subprocess.run(
         ["bash", os.path.join(root, "benchmarks", "paper_scale.sh"),
          str(tmp_path / "out")], env=env, cwd=root, check=False).returncode)
