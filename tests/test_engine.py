@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from experiments import reproduce
-from experiments.run import grid
+from experiments.run import stages
 from experiments.setup import cli
 from tests.conftest import real_data_dir
 from tests.experiments.test_experiments import parse_table
@@ -75,7 +75,7 @@ def outputs(workdir) -> dict:
 
 
 def events(workdir, event=None) -> list[dict]:
-  found = grid.read_events(str(workdir / "grid"))
+  found = stages.read_events(str(workdir / "grid"))
   return [e for e in found if event is None or e["event"] == event]
 
 

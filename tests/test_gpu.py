@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.setup import cli
+from experiments.run import determinism
 
 from ounl_jax import models
 from ounl_jax import service as service_lib
@@ -91,7 +91,7 @@ def test_same_seed_gives_bit_identical_parameters_on_the_gpu(tmp_path):
   # Each run in its own process: XLA reads XLA_FLAGS when its backend starts.
   _gpu()
   env = {**os.environ, "XLA_FLAGS": " ".join(
-      [os.environ.get("XLA_FLAGS", ""), cli.DETERMINISTIC_GPU_FLAG]).strip()}
+      [os.environ.get("XLA_FLAGS", ""), determinism.DETERMINISTIC_GPU_FLAG]).strip()}
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
   runs = []

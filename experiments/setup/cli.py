@@ -38,6 +38,7 @@ from typing import Any
 
 from absl import flags
 
+from experiments.run import determinism
 from experiments.run import errors
 from experiments.run import records
 from experiments.setup import configs
@@ -100,11 +101,7 @@ def define_common_flags(fv, *, workdir: str = "./runs/default",
   for name in overrides.TRAIN_FLAGS:
     _define(fv, name, f"train.{name}", {})
   flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=fv)
-  flags.DEFINE_bool("deterministic", True, "Deterministic GPU ops "
-                    f"(XLA_FLAGS {DETERMINISTIC_GPU_FLAG}): the same seed gives "
-                    "bit-identical parameters on a GPU; --nodeterministic trades "
-                    "that for speed (WORKSPACE.md 'Running on a GPU'). No effect on "
-                    "a CPU, which is deterministic anyway.", flag_values=fv)
+  flags.DEFINE_bool("deterministic", True, determinism.HELP, flag_values=fv)
   flags.DEFINE_bool("debug", False, "Show the full traceback of a user error "
                     "instead of its one-line message.", flag_values=fv)
 
@@ -199,24 +196,6 @@ def experiment_config(fv, **fixed) -> configs.ExperimentConfig:
   return config
 
 
-# XLA's switch for deterministic GPU kernels (scatter-adds, reductions, cuDNN
-# algorithm choice); read when the backend starts, so it is set before any JAX work.
-DETERMINISTIC_GPU_FLAG = "--xla_gpu_deterministic_ops=true"
-
-
-def deterministic_gpu_ops(enabled: bool) -> None:
-  """Adds (or leaves out) ``DETERMINISTIC_GPU_FLAG`` in ``XLA_FLAGS``; before JAX
-  starts its backend (refused after: the flag would silently not apply)."""
-  import os  # pylint: disable=g-import-not-at-top
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  current = os.environ.get("XLA_FLAGS", "")
-  if not enabled or "xla_gpu_deterministic_ops" in current:
-    return
-  if xla_bridge.backends_are_initialized():
-    raise RuntimeError("deterministic_gpu_ops must run before any JAX work.")
-  os.environ["XLA_FLAGS"] = f"{current} {DETERMINISTIC_GPU_FLAG}".strip()
-
-
 def run_main(main, fv=flags.FLAGS) -> None:
   """``app.run(main)``; a user error prints one line and exits 2 (--debug: raise).
 
@@ -241,7 +220,7 @@ def run_main(main, fv=flags.FLAGS) -> None:
   def wrapped(argv):
     records.git_commit()  # The code as it starts, not as it ends.
     if "deterministic" in fv:
-      deterministic_gpu_ops(fv.deterministic)
+      determinism.deterministic_gpu_ops(fv.deterministic)
     try:
       workdir = fv["workdir"].value if "workdir" in fv else None
       if not workdir:
