@@ -1,10 +1,11 @@
 """Summarises one ``benchmarks/accelerator.sh`` run into ``OUT/summary.json``.
 
 Reads the step table the script wrote (``steps.tsv``: name, exit status, seconds),
-the pytest JUnit file, the ZOO benchmark's JSON and the pushing experiment's
-``results.json``, adds the devices and package versions this Python sees, writes
+the pytest JUnit file, the ZOO and determinism benchmarks' JSON and the pushing
+experiment's ``results.json``, adds the devices and package versions this Python sees, writes
 ``summary.json`` and prints it. Exit status 1 when a step failed, when
-``pytest -m gpu`` skipped on a machine that has a GPU, or when an output is missing.
+``pytest -m gpu`` skipped on a machine that has a GPU, when deterministic runs differ
+on a GPU, or when an output is missing.
 
   python benchmarks/accelerator.py OUT [--smoke=1]
 """
@@ -68,7 +69,8 @@ def _pushing(out):
   if results is None:
     return None
   keep = {}
-  for key in ("conditions", "accuracy", "attack", "timings", "config"):
+  for key in ("conditions", "accuracy", "attack", "timings", "throughput",
+              "host_peak_rss_mib", "config"):
     if key in results:
       keep[key] = results[key]
   return keep or {"keys": sorted(results)}
@@ -91,15 +93,19 @@ def main(argv=None):
       "steps": _steps(args.out),
       "pytest_gpu": _pytest(args.out),
       "zoo_throughput": _read_json(os.path.join(args.out, "zoo_throughput.json")),
+      "determinism": _read_json(os.path.join(args.out, "determinism.json")),
       "pushing": _pushing(args.out),
   }
   problems = [f"step {name} exited {step['exit_status']}"
               for name, step in summary["steps"].items() if step["exit_status"]]
-  for name in ("pytest_gpu", "zoo_throughput", "pushing"):
+  for name in ("pytest_gpu", "zoo_throughput", "determinism", "pushing"):
     if summary[name] is None:
       problems.append(f"no output from {name}")
   if has_gpu and summary["pytest_gpu"] and summary["pytest_gpu"]["skipped"]:
     problems.append("pytest -m gpu skipped on a machine with a GPU")
+  if has_gpu and summary["determinism"] and not (
+      summary["determinism"]["deterministic"]["bit_identical"]):
+    problems.append("deterministic GPU runs gave different parameters")
   summary["problems"] = problems
   summary["total_seconds"] = round(sum(s["seconds"] or 0 for s in
                                        summary["steps"].values()), 1)

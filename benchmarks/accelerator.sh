@@ -15,10 +15,14 @@
 # 4. the pushing experiment at the paper's model width on the small CIFAR-10 copy
 #    (.carry/tensorflow_datasets_small), a few epochs and a short ZOO so that it
 #    fits                                           -> OUT/pushing/results.json, .log
-# 5. OUT/summary.json (benchmarks/accelerator.py): devices, versions, each step's
+# 5. what deterministic GPU ops cost (benchmarks/determinism_cost.py: VGG-3 width
+#    128 trained and unlearned twice with and twice without)
+#                                                   -> OUT/determinism.json, .log
+# 6. OUT/summary.json (benchmarks/accelerator.py): devices, versions, each step's
 #    status and seconds, the key numbers.
 #
-# Every step has its own time limit (the sum stays under 10 minutes); a failed or
+# Every step has its own time limit; steps 1-4 took 281 s on an H200 (the install's
+# 120-s limit needed 4 s), so the whole stays under 10 minutes; a failed or
 # timed-out step is recorded and the next one still runs; the exit status is 1 if
 # any step failed. Sizes can be changed with the environment variables below.
 set -uo pipefail
@@ -40,7 +44,8 @@ if [ "$SMOKE" = "1" ]; then
   PUSH_ARGS=(--scale=smoke --epochs="${EPOCHS:-6}" --sample_rule=fraction_first
              --max_iterations="${MAX_ITERATIONS:-100}" --max_samples="${MAX_SAMPLES:-8}"
              --noprogress)
-  LIMITS=(60 60 240 0)  # pytest, zoo, pushing
+  DET_ARGS=(--width=8 --images=512 --epochs=2)
+  LIMITS=(60 60 240 150)  # pytest, zoo, pushing, determinism
 else
   ZOO_ARGS=(--model_scale=paper --samples=1,16,64)
   # The released rule pushes candidates until N have crossed, so its cost depends
@@ -52,7 +57,8 @@ else
   PUSH_ARGS=(--scale=paper --width=128 --epochs="${EPOCHS:-5}" --sample_rule=fraction_first
              --max_iterations="${MAX_ITERATIONS:-3000}" --max_samples="${MAX_SAMPLES:-64}"
              --sample_chunk_size=64 --noprogress)
-  LIMITS=(90 120 300 0)
+  DET_ARGS=(--width=128 --images=5000 --epochs=3)
+  LIMITS=(90 120 300 150)
 fi
 
 STEPS_FILE="$OUT/steps.tsv"
@@ -89,6 +95,8 @@ step zoo_throughput "${LIMITS[1]}" "$PYTHON" benchmarks/zoo_throughput.py \
   "${ZOO_ARGS[@]}" --json="$OUT/zoo_throughput.json"
 step pushing "${LIMITS[2]}" "$PYTHON" -m experiments.pushing --dataset=cifar10 \
   --workdir="$OUT/pushing" --data_dir="$TFDS_DATA_DIR" "${PUSH_ARGS[@]}"
+step determinism "${LIMITS[3]}" "$PYTHON" benchmarks/determinism_cost.py \
+  "${DET_ARGS[@]}" --json="$OUT/determinism.json"
 "$PYTHON" benchmarks/accelerator.py "$OUT" --smoke="$SMOKE" || failed=1
 rm -rf "$SITE"
 exit "$failed"

@@ -16,6 +16,8 @@
 # while it is held; OUT gets the report, every point's results, the stage log and
 # the training metrics each call.
 #
+# calls.log gets each call's exit status, seconds and host peak RSS (MiB; 0 where
+# pgrep is missing).
 # Exit status: 0 once the report is written; 75 when the call ran out of time
 # (call again); anything else: failed (OUT/reproduce.log says why).
 # Data: the carried small copy (15,000 training images), so 10% of airplane is
@@ -51,20 +53,35 @@ if ! "$PYTHON" -c "import tensorflow_datasets" 2>/dev/null; then
   export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
+# The call's host peak RSS: the kernel's high-water mark (VmHWM) of the Python
+# process, read every 2 s, since a process stopped at the deadline records nothing.
+peak_kib=0
+watch_peak() {
+  local pid hwm
+  for pid in $(pgrep -P "$1" 2>/dev/null); do
+    hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null)
+    [ "${hwm:-0}" -gt "$peak_kib" ] && peak_kib=$hwm
+  done
+}
+
 start=$(date +%s)
 timeout --kill-after=10 "$CALL_SECONDS" "$PYTHON" -m experiments.reproduce \
   --table=IV --points='fraction_0.1*' --dataset=cifar10 --workdir="$WORKDIR" \
   --data_dir="$TFDS_DATA_DIR" --noprogress "${ARGS[@]}" \
-  > "$OUT/reproduce.log" 2>&1
+  > "$OUT/reproduce.log" 2>&1 &
+job=$!
+while kill -0 "$job" 2>/dev/null; do watch_peak "$job"; sleep 2; done
+wait "$job"
 rc=$?
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
   rc=75  # Out of time: what finished is saved; the next call goes on.
 fi
-echo "call: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/calls.log"
+echo "call: exit $rc after $(( $(date +%s) - start )) s, host peak RSS" \
+  "$(( peak_kib / 1024 )) MiB" | tee -a "$OUT/calls.log"
 
 for item in table_IV grid/events.jsonl train_metrics.json train_history.json; do
   [ -e "$WORKDIR/$item" ] && mkdir -p "$OUT/$(dirname "$item")" &&
-    cp -r "$WORKDIR/$item" "$OUT/$item"
+    cp -r "$WORKDIR/$item" "$OUT/$(dirname "$item")/"  # into the parent: merges
 done
 ls "$WORKDIR/grid/done" 2>/dev/null > "$OUT/stages_done.txt"
 ls "$WORKDIR"/attack/partial-*/ 2>/dev/null | grep -c '^rows-' \

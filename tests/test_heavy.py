@@ -56,3 +56,7 @@ def test_paper_scale_script_resumes_across_calls_until_the_report(tmp_path):
   assert "fraction_0.1_released" in report and "fraction_0.1_eq13" in report
   done = (tmp_path / "out" / "stages_done.txt").read_text().split()
   assert "train-model.json" in done
+  calls = (tmp_path / "out" / "calls.log").read_text().splitlines()
+  assert len(calls) == len(codes)
+  peaks = [int(line.split("host peak RSS")[1].split()[0]) for line in calls]
+  assert all(peak > 100 for peak in peaks), calls  # a Python with JAX: > 100 MiB

@@ -128,6 +128,15 @@ def attack_lines(results: dict) -> list[str]:
   return lines
 
 
+def memory_lines(results: dict) -> list[str]:
+  rss = results.get("host_peak_rss_mib")
+  if not rss:
+    return []
+  return [f"- Peak host memory (RSS): {rss['before_attack'] / 1024:.1f} GiB before "
+          f"the attack, {rss['after_attack'] / 1024:.1f} GiB after it, "
+          f"{rss['at_end'] / 1024:.1f} GiB at the end."]
+
+
 def markdown(results: dict) -> str:
   """``results.md``: the run's tables in the paper's layout."""
   config = results["config"]
@@ -151,7 +160,7 @@ def markdown(results: dict) -> str:
       f"## Predictions on the {results['class_a']} test samples the clean model got "
       "right (Fig. 6-7 / Table V layout)",
       "", *histogram_table(results), "",
-      "## Attack", "", *attack_lines(results), "",
+      "## Attack", "", *attack_lines(results), *memory_lines(results), "",
       f"Commit {results['git']['commit'][:12]}"
       + (" (with local changes)" if results["git"]["dirty"] else "")
       + f"; command: `{results['command']}`.",

@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import uuid
@@ -53,6 +54,14 @@ def versions() -> dict[str, str]:
   except Exception:  # pylint: disable=broad-except
     found["device"] = "unknown"
   return found
+
+
+def host_peak_rss_mib() -> float:
+  """This process's peak resident host memory so far, in MiB (``ru_maxrss``:
+  KiB on Linux, bytes on macOS). On an accelerator it is the host side only (the
+  device's memory is not in it); on a CPU it includes the model's activations."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def run_metadata(config: Any) -> dict[str, Any]:

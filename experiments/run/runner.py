@@ -37,8 +37,10 @@ def run_experiment(ctx: pipeline.Context, config: configs.ExperimentConfig,
                    workdir: str, *, show_progress: bool = True) -> dict:
   """The attack ``config.attack.name`` and every condition: the stamped results."""
   class_a = pipeline.class_a_of(ctx.spec, config)
+  host_rss = {"before_attack": records.host_peak_rss_mib()}
   made = registry.get(config.attack.name).make_submissions(
       ctx, config, workdir, show_progress=show_progress)
+  host_rss["after_attack"] = records.host_peak_rss_mib()
   installed = screens.build(ctx, config, made.user_ids)
   started = time.time()
   conditions = pipeline.run_conditions(ctx, config, made.submissions, class_a,
@@ -52,6 +54,7 @@ def run_experiment(ctx: pipeline.Context, config: configs.ExperimentConfig,
       "attack": made.statistics,
       "timings": {"unlearn_and_evaluate_seconds": time.time() - started,
                   "attack_seconds": made.seconds},
+      "host_peak_rss_mib": {**host_rss, "at_end": records.host_peak_rss_mib()},
   }
   return records.to_jsonable(pipeline.stamp(results, config))
 

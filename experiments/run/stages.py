@@ -141,9 +141,13 @@ def execute(root: str, stage, show_progress: bool = False) -> dict:
   except BaseException as error:
     log_event(root, stage.name, "failed", kind=stage.kind, error=one_line(error))
     raise
-  record = {**record, "seconds": time.time() - started, "node": node()}
+  # The peak of the process that ran it: a Ray worker serves several stages, so
+  # it is that worker's peak so far; locally, the whole grid's so far.
+  record = {**record, "seconds": time.time() - started, "node": node(),
+            "host_peak_rss_mib": records.host_peak_rss_mib()}
   records.write_json(_done_path(root, stage.name),
                      {"stage": stage.name, "fingerprint": stage.fingerprint,
                       "record": record})
-  log_event(root, stage.name, "done", kind=stage.kind, seconds=record["seconds"])
+  log_event(root, stage.name, "done", kind=stage.kind, seconds=record["seconds"],
+            host_peak_rss_mib=record["host_peak_rss_mib"])
   return record

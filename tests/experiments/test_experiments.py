@@ -61,6 +61,8 @@ def check_schema(results, conditions):
   for key in ("train", "attack"):
     assert key in results["config"]
   assert results["git"]["commit"]
+  rss = results["host_peak_rss_mib"]  # a peak never falls between phases
+  assert 0 < rss["before_attack"] <= rss["after_attack"] <= rss["at_end"]
 
 
 def _mock_data(monkeypatch, tmp_path, num_examples):
@@ -139,6 +141,7 @@ def strip_timings(value):
   if isinstance(value, dict):
     return {k: strip_timings(v) for k, v in value.items()
             if "seconds" not in k and k not in ("timings", "throughput",
+                                                "host_peak_rss_mib",
                                                 "reused_saved_push",
                                                 "command", "git")}
   if isinstance(value, list):
