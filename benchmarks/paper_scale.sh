@@ -9,9 +9,10 @@
 # Every call runs `experiments.reproduce --table=IV --points='fraction_0.1*'
 # --scale=paper` (VGG-3 width 128, up to 100 epochs with early stopping, ZOO's
 # 20,000 iterations, SAMPLE_CHUNK samples in flight) in WORKDIR for at most
-# CALL_SECONDS, then stops it. Nothing is lost but the unfinished epoch or chunk:
-# training resumes from its newest epoch checkpoint, the push from its finished
-# samples (attack/partial-*), the grid from its finished stages (grid/done). WORKDIR
+# CALL_SECONDS, then stops it with SIGTERM (SIGKILL 30 s later). A push stops at
+# the end of its chunk with its finished samples and those in flight saved
+# (attack/partial-*); training loses its unfinished epoch (it resumes from the
+# newest epoch checkpoint); the grid resumes from its finished stages. WORKDIR
 # (default runs/paper_scale, ignored by git) stays on the machine between calls
 # while it is held; OUT gets the report, every point's results, the stage log and
 # the training metrics each call.
@@ -65,7 +66,7 @@ watch_peak() {
 }
 
 start=$(date +%s)
-timeout --kill-after=10 "$CALL_SECONDS" "$PYTHON" -m experiments.reproduce \
+timeout --kill-after=30 "$CALL_SECONDS" "$PYTHON" -m experiments.reproduce \
   --table=IV --points='fraction_0.1*' --dataset=cifar10 --workdir="$WORKDIR" \
   --data_dir="$TFDS_DATA_DIR" --noprogress "${ARGS[@]}" \
   > "$OUT/reproduce.log" 2>&1 &

@@ -86,6 +86,8 @@ def run_local(stages: list[grid.Stage], root: str, *,
       bar.bar.set_description(stage.name)
       try:
         outcome = Outcome("done", stages_lib.execute(root, stage, show_progress))
+      except errors.TimeBudgetReached:
+        raise  # SIGTERM or --time_budget: the whole run stops, its work saved.
       except Exception as error:  # pylint: disable=broad-except
         outcome = Outcome("failed", error=stages_lib.one_line(error))
     outcomes[stage.name] = outcome

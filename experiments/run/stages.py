@@ -19,6 +19,7 @@ import time
 
 from experiments.attacks import registry
 from experiments.attacks.pushing import attack as push_attack
+from experiments.run import errors
 from experiments.run import pipeline
 from experiments.run import records
 from experiments.run import runner
@@ -138,6 +139,9 @@ def execute(root: str, stage, show_progress: bool = False) -> dict:
   started = time.time()
   try:
     record = STAGE_KINDS[stage.kind](*stage.args, show_progress)
+  except errors.TimeBudgetReached as stop:  # Saved; the next run goes on.
+    log_event(root, stage.name, "stopped", kind=stage.kind, error=one_line(stop))
+    raise
   except BaseException as error:
     log_event(root, stage.name, "failed", kind=stage.kind, error=one_line(error))
     raise

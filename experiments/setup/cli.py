@@ -41,6 +41,7 @@ from absl import flags
 from experiments.run import determinism
 from experiments.run import errors
 from experiments.run import records
+from experiments.run import stop_signal
 from experiments.setup import configs
 from experiments.setup import fields
 from experiments.setup import overrides
@@ -199,12 +200,11 @@ def experiment_config(fv, **fixed) -> configs.ExperimentConfig:
 def run_main(main, fv=flags.FLAGS) -> None:
   """``app.run(main)``; a user error prints one line and exits 2 (--debug: raise).
 
-  A run stopped at its ``--time_budget`` (``errors.TimeBudgetReached``) prints
-  one line and exits ``errors.TIME_BUDGET_STATUS`` (75): rerun to continue.
-  User errors are: a bad flag (unknown flag, unknown choice, unparsable value,
-  found by absl while parsing), ``errors.user_errors()`` raised by the run, a
-  workdir another run holds (``workdir_lock``: the run holds ``--workdir``'s lock
-  from start to end), and a full disk.
+  A push stopped at ``--time_budget`` or by SIGTERM (``stop_signal``) prints one
+  line and exits ``errors.TIME_BUDGET_STATUS`` (75): rerun to continue. User
+  errors: a bad flag (unknown flag or choice, unparsable value: absl's parse),
+  ``errors.user_errors()`` raised by the run, a workdir another run holds
+  (``workdir_lock``, held from start to end), and a full disk.
   """
   import errno  # pylint: disable=g-import-not-at-top
   from absl import app  # pylint: disable=g-import-not-at-top
@@ -219,6 +219,7 @@ def run_main(main, fv=flags.FLAGS) -> None:
 
   def wrapped(argv):
     records.git_commit()  # The code as it starts, not as it ends.
+    stop_signal.install()  # SIGTERM: a push stops cleanly, exit 75.
     if "deterministic" in fv:
       determinism.deterministic_gpu_ops(fv.deterministic)
     try:

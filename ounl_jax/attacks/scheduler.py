@@ -119,8 +119,10 @@ class Resume(NamedTuple):
       collected: ``ids`` (n,) sample indices, ``leaves`` the
       ``jax.tree_util.tree_leaves`` of their host state rows (numpy, keys left
       out), each leading with n.
-    deadline: a ``time.monotonic()`` value; checked between chunks, the schedule
-      stops with ``DeadlineReached`` once it has passed (None: no limit).
+    deadline: a ``time.monotonic()`` value, or a callable returning the current
+      one (so that, say, a signal handler can bring it forward); checked between
+      chunks, the schedule stops with ``DeadlineReached`` once it has passed
+      (None: no limit).
     running: ``(ids, leaves)``: samples an earlier run left in flight, in the
       form ``on_running`` received them: they are admitted first and continue
       from these states (their PRNG keys from ``init``), not from the start.
@@ -132,10 +134,14 @@ class Resume(NamedTuple):
 
   restored: tuple[np.ndarray, list[np.ndarray]] | None = None
   on_finished: Callable[[np.ndarray, list[np.ndarray]], None] | None = None
-  deadline: float | None = None
+  deadline: float | Callable[[], float] | None = None
   running: tuple[np.ndarray, list[np.ndarray]] | None = None
   on_running: Callable[[np.ndarray, list[np.ndarray]], None] | None = None
   save_every: float = 60.0
+
+
+def _deadline(resume: Resume) -> float:
+  return resume.deadline() if callable(resume.deadline) else resume.deadline
 
 
 class DeadlineReached(Exception):
@@ -375,7 +381,7 @@ def schedule(pusher: Pusher, count: int, *, oracle: oracle_lib.Oracle,
     live_count = int(live.sum())
     if batch is not None and (live_count or waiting):
       now = time.monotonic()
-      if resume.deadline is not None and now >= resume.deadline:
+      if resume.deadline is not None and now >= _deadline(resume):
         _in_flight(resume, batch, rows, live)
         raise DeadlineReached(done_count, len(restored), count)
       if now - last_save >= resume.save_every:

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from experiments.run import errors
+from experiments.run import stop_signal
 from experiments.setup import configs
 from experiments.run import pipeline
 from experiments.attacks.pushing import artefact
@@ -121,6 +122,7 @@ def _released(ctx, config, workdir: str, attack_spec) -> _ReleasedPush:
                        cache.block_cache(workdir, key), _keep(ctx, workdir, key))
 
 
+@stop_signal.listening()  # SIGTERM stops the push cleanly (its samples saved).
 def push_for(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: str,
              attack_spec, *, show_progress: bool = True) -> dict:
   """The user's push under ``config.samples.rule`` (reused when saved; an
@@ -144,6 +146,7 @@ def push_for(ctx: pipeline.Context, config: configs.ExperimentConfig, workdir: s
   return pushed
 
 
+@stop_signal.listening()
 def push_block_for(ctx: pipeline.Context, config: configs.ExperimentConfig,
                    workdir: str, attack_spec, block: int, end: int) -> dict:
   """Pushes block ``block``'s queue positions before ``end`` into the workdir's

@@ -25,6 +25,7 @@ import numpy as np
 
 from experiments.attacks.pushing import cache
 from experiments.run import errors
+from experiments.run import stop_signal
 from ounl_jax.attacks import scheduler
 
 
@@ -103,7 +104,7 @@ class Keep:
     """The ``scheduler.Resume`` of a stream whose sample i is ``positions[i]``."""
     positions = np.asarray(positions, np.int64)
     if self.store is None:
-      return scheduler.Resume(deadline=self.deadline)
+      return scheduler.Resume(deadline=stop_signal.deadline(self.deadline))
     self.restored_ids = np.zeros((0,), np.int64)
     saved, leaves = self.store.load()
     found = np.isin(saved, positions)
@@ -117,7 +118,8 @@ class Keep:
     running = self._running(positions, saved)
     store, stream = self.store, f"{positions.min()}-{positions.max()}"
     return scheduler.Resume(
-        restored, lambda ids, rows: store.save(positions[ids], rows), self.deadline,
+        restored, lambda ids, rows: store.save(positions[ids], rows),
+        stop_signal.deadline(self.deadline),
         running, lambda ids, rows: store.save_running(positions[ids], rows, stream),
         self.save_every)
 
@@ -137,10 +139,11 @@ class Keep:
 
 
 def stopped(stop: scheduler.DeadlineReached, keep: Keep) -> errors.TimeBudgetReached:
-  """The one-line stop of a push at its ``--time_budget``."""
+  """The one-line stop of a push at its ``--time_budget`` or at SIGTERM."""
   where = (f"saved in {keep.store.folder}" if keep.store is not None
            else "not saved")
+  why = "SIGTERM arrived" if stop_signal.requested() else "the time budget ran out"
   return errors.TimeBudgetReached(
-      f"the time budget ran out: this run pushed {stop.finished - stop.restored} "
+      f"{why}: this run pushed {stop.finished - stop.restored} "
       f"samples ({stop.finished} of this stream's {stop.total} are {where}); "
       "rerun the same command to continue.")

@@ -13,7 +13,8 @@ from experiments.run import stages
 
 @pytest.fixture
 def toy_kinds(monkeypatch):
-  """Stage kinds that record their calls; ``boom`` raises."""
+  """Stage kinds that record their calls; ``boom`` raises, ``stop`` stops at a
+  deadline or SIGTERM."""
   calls = []
 
   def ok(name, show_progress):
@@ -25,7 +26,11 @@ def toy_kinds(monkeypatch):
     del show_progress
     calls.append(name)
     raise ValueError(f"{name} broke")
-  monkeypatch.setattr(stages, "STAGE_KINDS", {"ok": ok, "boom": boom})
+  def stop(name, show_progress):
+    del show_progress
+    calls.append(name)
+    raise errors.TimeBudgetReached(f"{name} stopped; rerun")
+  monkeypatch.setattr(stages, "STAGE_KINDS", {"ok": ok, "boom": boom, "stop": stop})
   return calls
 
 
@@ -77,3 +82,17 @@ def test_the_ray_engine_without_ray_is_one_line_before_any_work(monkeypatch):
   with pytest.raises(errors.UserError, match=r"pip install -e '\.\[ray\]'"):
     engines.check("ray")
   engines.check("local")
+
+
+def test_a_stage_stopped_at_its_deadline_stops_the_run_and_a_rerun_goes_on(
+    tmp_path, toy_kinds):
+  plan = [toy("train"), toy("push", "stop", ["train"]), toy("point_b", needs=["train"])]
+  with pytest.raises(errors.TimeBudgetReached):
+    engines.run_local(plan, str(tmp_path), show_progress=False)
+  assert toy_kinds == ["train", "push"]  # Nothing ran after the stop.
+  events = [(e["stage"], e["event"]) for e in stages.read_events(str(tmp_path))]
+  assert events[-1] == ("push", "stopped") and ("push", "failed") not in events
+  toy_kinds.clear()
+  plan[1] = toy("push", needs=["train"])  # This time the push finishes.
+  outcomes = engines.run_local(plan, str(tmp_path), show_progress=False)
+  assert toy_kinds == ["push", "point_b"] and outcomes["train"].status == "reused"

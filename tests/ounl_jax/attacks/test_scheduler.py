@@ -1,6 +1,7 @@
 """The shared host scheduler (ounl_jax/attacks/scheduler.py), on a toy pusher whose
 sample i needs ``need[i]`` iterations: refills, shrinking, groups, statistics."""
 
+import math
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -228,3 +229,19 @@ def test_samples_in_flight_at_the_deadline_continue_where_they_stopped():
     np.testing.assert_array_equal(getattr(result.state, name),
                                   getattr(whole.state, name))
   assert int(np.sum(result.state.iterations)) == 1 + 9 + 2
+
+
+def test_a_callable_deadline_is_read_between_chunks_and_can_be_brought_forward():
+  # What a SIGTERM handler does (experiments/run/stop_signal.py): no limit until
+  # the third chunk has run, then the deadline moves to the past.
+  need = [6, 6, 6]
+  log = {"init": [], "chunks": []}
+  saved = []
+  deadline = lambda: -math.inf if len(log["chunks"]) >= 3 else math.inf  # noqa: E731
+  with pytest.raises(scheduler.DeadlineReached):
+    scheduler.schedule(
+        toy_pusher(need, chunk=1, refill=True, log=log), len(need), oracle=ORACLE,
+        oracle_state=ORACLE.init(), slots=2, resume=scheduler.Resume(
+            deadline=deadline, on_running=lambda i, l: saved.append((i, l))))
+  assert len(log["chunks"]) == 3  # Stopped at the first check after the move,
+  assert len(saved) == 1 and len(saved[0][0]) == 2  # its two samples in flight saved.

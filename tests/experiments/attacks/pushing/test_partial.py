@@ -153,3 +153,71 @@ def test_runs_shorter_than_a_sample_still_finish_the_push(tmp_path, monkeypatch)
   running = glob.glob(os.path.join(partial.PartialPush(workdir, "fp").folder,
                                    "running-*.npz"))
   assert running == []  # Pruned with the rest once the blocks are saved.
+
+
+SIGTERM_SCRIPT = SCRIPT.replace("cache.save(", """
+from experiments.run import errors, stop_signal
+stop_signal.install()
+try:
+  with stop_signal.listening():
+    cache.save(""") + """except errors.TimeBudgetReached as stop:
+  print(stop, file=sys.stderr)
+  sys.exit(errors.TIME_BUDGET_STATUS)
+"""
+
+
+def test_sigterm_stops_a_push_cleanly_with_its_samples_in_flight_saved(tmp_path):
+  workdir = str(tmp_path)
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  child = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, workdir],
+                           cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+  started = time.time()
+  while len(saved_rows(workdir)) < 2 and child.poll() is None:
+    assert time.time() - started < 120, "the push saved nothing"
+    time.sleep(0.05)
+  os.kill(child.pid, signal.SIGTERM)
+  _, stderr = child.communicate(timeout=60)
+  assert child.returncode == errors.TIME_BUDGET_STATUS, stderr
+  assert "SIGTERM arrived" in stderr and "rerun the same command" in stderr
+  folder = partial.PartialPush(workdir, "fp").folder
+  assert glob.glob(os.path.join(folder, "running-*.npz"))  # In flight: saved too.
+  assert not os.path.exists(os.path.join(workdir, "done.npz"))
+  kept = len(np.unique(partial.PartialPush(workdir, "fp").load()[0]))
+  resumed, whole = push(workdir), push()
+  assert int(resumed["pushed_now"]) == int(whole["pushed_now"]) - kept
+  assert_same_push(resumed, whole)
+
+
+def test_sigterm_outside_a_push_still_ends_the_process_at_once():
+  # Training, unlearning, evaluation: nothing to save by waiting.
+  script = ("import time; from experiments.run import stop_signal; "
+            "stop_signal.install(); print('ready', flush=True); time.sleep(60)")
+  child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": ROOT},
+                           stdout=subprocess.PIPE, text=True)
+  assert child.stdout.readline().strip() == "ready"
+  started = time.time()
+  os.kill(child.pid, signal.SIGTERM)
+  child.wait(timeout=30)
+  assert child.returncode == 128 + signal.SIGTERM and time.time() - started < 10
+
+
+def test_sigterm_during_a_push_that_reads_no_deadline_ends_the_process_after_it():
+  # label_only pushes whole blocks: it finishes (saved), then the process exits.
+  script = """
+import os, signal
+from experiments.run import stop_signal
+stop_signal.install()
+try:
+  with stop_signal.listening():
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("push finished", flush=True)
+finally:
+  print("after", flush=True)
+print("never", flush=True)
+"""
+  done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=60,
+                        env={**os.environ, "PYTHONPATH": ROOT},
+                        capture_output=True, text=True)
+  assert done.returncode == 128 + signal.SIGTERM
+  assert done.stdout.split() == ["push", "finished", "after"]
