@@ -107,14 +107,10 @@ class Keep:
       return scheduler.Resume(deadline=stop_signal.deadline(self.deadline))
     self.restored_ids = np.zeros((0,), np.int64)
     saved, leaves = self.store.load()
-    found = np.isin(saved, positions)
-    restored = None
-    if found.any():
-      where = {int(p): i for i, p in enumerate(positions)}
-      ids = np.array([where[int(p)] for p in saved[found]], np.int64)
-      restored = (ids, [leaf[found] for leaf in leaves])
-      self.restored += len(ids)
-      self.restored_ids = ids
+    restored = _stream_rows(positions, saved, np.isin(saved, positions), leaves)
+    if restored is not None:
+      self.restored += len(restored[0])
+      self.restored_ids = restored[0]
     running = self._running(positions, saved)
     store, stream = self.store, f"{positions.min()}-{positions.max()}"
     return scheduler.Resume(
@@ -127,15 +123,22 @@ class Keep:
     """The stream's samples an earlier run left in flight (not finished since)."""
     saved, leaves = self.store.load_running()
     found = np.isin(saved, positions) & ~np.isin(saved, finished)
-    if not found.any():
-      return None
-    where = {int(p): i for i, p in enumerate(positions)}
-    return (np.array([where[int(p)] for p in saved[found]], np.int64),
-            [leaf[found] for leaf in leaves])
+    return _stream_rows(positions, saved, found, leaves)
 
   def prune(self, positions: np.ndarray) -> None:
     if self.store is not None:
       self.store.prune(np.asarray(positions, np.int64))
+
+
+def _stream_rows(positions: np.ndarray, saved: np.ndarray, found: np.ndarray,
+                 leaves: list[np.ndarray]):
+  """``(ids, leaves)`` of the ``found`` saved rows, ids being their indices in the
+  stream (``positions[id]`` is the saved position); None when none is found."""
+  if not found.any():
+    return None
+  where = {int(p): i for i, p in enumerate(positions)}
+  return (np.array([where[int(p)] for p in saved[found]], np.int64),
+          [leaf[found] for leaf in leaves])
 
 
 def stopped(stop: scheduler.DeadlineReached, keep: Keep) -> errors.TimeBudgetReached:
